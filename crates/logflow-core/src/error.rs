@@ -1,0 +1,62 @@
+//! Error classes: every connector error says whether retrying can help.
+
+/// What to do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// May succeed if tried again (timeouts, 408/429/5xx, connection resets).
+    Transient,
+    /// Will not succeed until an operator acts (auth, missing bucket or table): stop the pipeline,
+    /// do not ack, let Pub/Sub redeliver to a fixed worker.
+    Permanent,
+    /// This input can never succeed (undecodable payload, invalid row): dead-letter it.
+    Data,
+}
+
+impl ErrorClass {
+    /// Lower-case label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Data => "data",
+        }
+    }
+}
+
+/// Implemented by every error that crosses a stage boundary.
+pub trait Classify {
+    /// The class of this error.
+    fn class(&self) -> ErrorClass;
+}
+
+/// The class of an HTTP status code returned by a Google API.
+pub fn classify_http_status(status: u16) -> ErrorClass {
+    match status {
+        408 | 429 | 500..=599 => ErrorClass::Transient,
+        _ => ErrorClass::Permanent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_status_classes() {
+        for (status, class) in [
+            (400, ErrorClass::Permanent),
+            (401, ErrorClass::Permanent),
+            (403, ErrorClass::Permanent),
+            (404, ErrorClass::Permanent),
+            (408, ErrorClass::Transient),
+            (412, ErrorClass::Permanent),
+            (429, ErrorClass::Transient),
+            (500, ErrorClass::Transient),
+            (502, ErrorClass::Transient),
+            (503, ErrorClass::Transient),
+            (504, ErrorClass::Transient),
+        ] {
+            assert_eq!(classify_http_status(status), class, "status {status}");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! UTC timestamp formatting without a calendar library: RFC 3339 with microseconds for rows,
+//! and Hive-style `dt=YYYY-MM-DD/hour=HH` partitions for object names.
+
+use std::fmt::Write;
+
+/// Broken-down UTC time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Civil {
+    /// Year (proleptic Gregorian).
+    pub year: i64,
+    /// Month, 1..=12.
+    pub month: u32,
+    /// Day of month, 1..=31.
+    pub day: u32,
+    /// Hour, 0..=23.
+    pub hour: u32,
+    /// Minute, 0..=59.
+    pub minute: u32,
+    /// Second, 0..=59.
+    pub second: u32,
+    /// Microsecond, 0..=999_999.
+    pub micros: u32,
+}
+
+impl Civil {
+    /// Splits microseconds since the Unix epoch (negative before 1970).
+    pub fn from_unix_micros(micros: i64) -> Civil {
+        let secs = micros.div_euclid(1_000_000);
+        let sub = micros.rem_euclid(1_000_000) as u32;
+        let days = secs.div_euclid(86_400);
+        let sod = secs.rem_euclid(86_400) as u32;
+        // Days to civil date: H. Hinnant's algorithm (public domain), proleptic Gregorian.
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        Civil {
+            year,
+            month,
+            day,
+            hour: sod / 3600,
+            minute: sod / 60 % 60,
+            second: sod % 60,
+            micros: sub,
+        }
+    }
+}
+
+/// Appends `2026-11-27T09:00:00.123456Z`.
+pub fn write_rfc3339_micros(out: &mut String, unix_micros: i64) {
+    let c = Civil::from_unix_micros(unix_micros);
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        c.year, c.month, c.day, c.hour, c.minute, c.second, c.micros
+    );
+}
+
+/// `2026-11-27T09:00:00.123456Z`.
+pub fn rfc3339_micros(unix_micros: i64) -> String {
+    let mut s = String::with_capacity(27);
+    write_rfc3339_micros(&mut s, unix_micros);
+    s
+}
+
+/// `dt=2026-11-27/hour=09`, the Hive partition of an instant.
+pub fn hive_partition(unix_micros: i64) -> String {
+    let c = Civil::from_unix_micros(unix_micros);
+    format!("dt={:04}-{:02}-{:02}/hour={:02}", c.year, c.month, c.day, c.hour)
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_instants() {
+        // Values checked against `date -u -d @SECONDS`.
+        assert_eq!(rfc3339_micros(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339_micros(1_795_770_000_123_456), "2026-11-27T09:00:00.123456Z");
+        assert_eq!(rfc3339_micros(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(rfc3339_micros(-1), "1969-12-31T23:59:59.999999Z");
+        assert_eq!(rfc3339_micros(-62_135_596_800_000_000), "0001-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339_micros(253_402_300_799_999_999), "9999-12-31T23:59:59.999999Z");
+    }
+
+    #[test]
+    fn hive_partition_of_an_instant() {
+        assert_eq!(hive_partition(1_795_770_000_123_456), "dt=2026-11-27/hour=09");
+    }
+}
