@@ -1,0 +1,248 @@
+//! The column plan of a message type: the protobuf → BigQuery mapping decided once per type, at
+//! load time. The table schema and the row encoder both walk this plan, so they cannot disagree.
+
+use std::collections::HashMap;
+
+use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
+
+use crate::MAX_RECORD_DEPTH;
+use crate::error::SchemaError;
+use crate::table::METADATA_COLUMNS;
+use crate::wkt::{Wkt, classify};
+
+/// BigQuery prefixes that no column name may start with (case-insensitive).
+const RESERVED_PREFIXES: [&str; 6] =
+    ["_table_", "_file_", "_partition", "_row_timestamp", "__root__", "_colidentifier"];
+/// BigQuery's maximum column-name length.
+const MAX_NAME_LEN: usize = 300;
+/// BigQuery's maximum number of columns in a table, nested ones included.
+const MAX_COLUMNS: usize = 10_000;
+
+/// How one value is written.
+#[derive(Debug, Clone)]
+pub(crate) enum Shape {
+    /// A protobuf scalar (not enum).
+    Scalar(Kind),
+    Enum(prost_reflect::EnumDescriptor),
+    Timestamp,
+    Duration,
+    /// A wrapper message: its field 1 as the scalar `Kind`.
+    Wrapper(Kind),
+    /// Proto3 JSON text in a JSON column.
+    Json,
+    /// Proto3 JSON string form in a STRING column.
+    FieldMask,
+    Record(MessagePlan),
+    /// Map entries as `{key, value}` records; `value` is `None` when it maps to no column.
+    Map { key: Kind, value: Option<Box<Shape>> },
+}
+
+/// One column of a record.
+#[derive(Debug, Clone)]
+pub(crate) struct FieldPlan {
+    pub(crate) field: FieldDescriptor,
+    /// `"name":` ready to copy into a row.
+    pub(crate) json_key: Box<[u8]>,
+    pub(crate) repeated: bool,
+    pub(crate) shape: Shape,
+}
+
+/// The columns of one record, in field-number order.
+#[derive(Debug, Clone)]
+pub(crate) struct MessagePlan {
+    pub(crate) fields: Vec<FieldPlan>,
+}
+
+impl MessagePlan {
+    /// Plans the root message of a table, checking every rule that can fail at load time.
+    pub(crate) fn root(md: &MessageDescriptor) -> Result<MessagePlan, SchemaError> {
+        let mut path = vec![md.full_name().to_string()];
+        let plan = plan_message(md, 1, &mut path)?;
+        for f in &plan.fields {
+            let lower = f.field.name().to_ascii_lowercase();
+            if METADATA_COLUMNS.iter().any(|(m, _, _)| *m == lower) {
+                return Err(invalid(md, &f.field, "collides with the metadata column of that name; rename the field"));
+            }
+        }
+        let columns = plan.count_columns() + METADATA_COLUMNS.len();
+        if columns > MAX_COLUMNS {
+            return Err(SchemaError::InvalidField {
+                message_type: md.full_name().to_string(),
+                field: "*".to_string(),
+                reason: format!("maps to {columns} columns, over BigQuery's limit of {MAX_COLUMNS}"),
+            });
+        }
+        Ok(plan)
+    }
+
+    fn count_columns(&self) -> usize {
+        self.fields.iter().map(|f| 1 + f.shape.count_nested()).sum()
+    }
+}
+
+impl Shape {
+    fn count_nested(&self) -> usize {
+        match self {
+            Shape::Record(p) => p.count_columns(),
+            Shape::Map { value, .. } => 1 + value.as_ref().map_or(0, |v| 1 + v.count_nested()),
+            _ => 0,
+        }
+    }
+}
+
+fn invalid(md: &MessageDescriptor, f: &FieldDescriptor, reason: &str) -> SchemaError {
+    SchemaError::InvalidField {
+        message_type: md.full_name().to_string(),
+        field: f.name().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Plans the fields of `md`, whose own RECORD sits at `level` (the root's fields are level 1).
+fn plan_message(
+    md: &MessageDescriptor,
+    level: usize,
+    path: &mut Vec<String>,
+) -> Result<MessagePlan, SchemaError> {
+    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut fields = Vec::new();
+    let mut descriptors: Vec<FieldDescriptor> = md.fields().collect();
+    descriptors.sort_by_key(|f| f.number());
+    for fd in descriptors {
+        let name = fd.name();
+        let lower = name.to_ascii_lowercase();
+        if name.len() > MAX_NAME_LEN {
+            return Err(invalid(md, &fd, "name is longer than BigQuery's 300 characters"));
+        }
+        if let Some(p) = RESERVED_PREFIXES.iter().find(|p| lower.starts_with(**p)) {
+            return Err(invalid(md, &fd, &format!("name starts with BigQuery's reserved prefix `{p}`")));
+        }
+        if let Some(other) = seen.insert(lower, name.to_string()) {
+            return Err(invalid(
+                md,
+                &fd,
+                &format!("differs from field `{other}` only in case; BigQuery names are case-insensitive"),
+            ));
+        }
+        let shape = if fd.is_map() {
+            let entry = match fd.kind() {
+                Kind::Message(m) => m,
+                _ => unreachable!("map fields are messages"),
+            };
+            let key = entry.map_entry_key_field().kind();
+            let value_field = entry.map_entry_value_field();
+            // The entry RECORD is at this level; its value one deeper.
+            let value = kind_shape(&value_field.kind(), level + 1, path)?.map(Box::new);
+            Some(Shape::Map { key, value })
+        } else {
+            kind_shape(&fd.kind(), level, path)?
+        };
+        if let Some(shape) = shape {
+            let json_key = format!("\"{name}\":").into_bytes().into_boxed_slice();
+            fields.push(FieldPlan { repeated: fd.is_list(), field: fd, json_key, shape });
+        }
+    }
+    Ok(MessagePlan { fields })
+}
+
+/// The shape of a value of `kind` whose RECORD (if it is one) would sit at `level`.
+/// `None`: the value maps to no column (Empty, or a message without columns).
+fn kind_shape(kind: &Kind, level: usize, path: &mut Vec<String>) -> Result<Option<Shape>, SchemaError> {
+    let md = match kind {
+        Kind::Message(md) => md,
+        Kind::Enum(ed) => return Ok(Some(Shape::Enum(ed.clone()))),
+        other => return Ok(Some(Shape::Scalar(other.clone()))),
+    };
+    Ok(match classify(md) {
+        Some(Wkt::Timestamp) => Some(Shape::Timestamp),
+        Some(Wkt::Duration) => Some(Shape::Duration),
+        Some(Wkt::Wrapper) => md.get_field(1).map(|f| Shape::Wrapper(f.kind())),
+        Some(Wkt::Json) => Some(Shape::Json),
+        Some(Wkt::FieldMask) => Some(Shape::FieldMask),
+        Some(Wkt::Empty) => None,
+        None => {
+            let name = md.full_name().to_string();
+            if level > MAX_RECORD_DEPTH || path.contains(&name) {
+                Some(Shape::Json)
+            } else {
+                path.push(name);
+                let sub = plan_message(md, level + 1, path);
+                path.pop();
+                let sub = sub?;
+                if sub.fields.is_empty() { None } else { Some(Shape::Record(sub)) }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::registry_from_source;
+
+    fn plan_of(source: &str, ty: &str) -> Result<MessagePlan, SchemaError> {
+        let r = registry_from_source("t.proto", source);
+        MessagePlan::root(&r.message(ty).unwrap())
+    }
+
+    #[test]
+    fn recursion_becomes_json_after_the_first_occurrence() {
+        let p = plan_of(
+            "syntax = \"proto3\"; package t; message Node { string v = 1; Node next = 2; repeated Node kids = 3; }",
+            "t.Node",
+        )
+        .unwrap();
+        assert!(matches!(p.fields[1].shape, Shape::Json));
+        assert!(matches!(p.fields[2].shape, Shape::Json) && p.fields[2].repeated);
+    }
+
+    #[test]
+    fn sixteenth_level_becomes_json() {
+        // L1 { L2 { ... L16 { x } } }: the field of type L16 sits at level 16.
+        let mut src = String::from("syntax = \"proto3\"; package t; message Root { L1 a = 1; }\n");
+        for i in 1..=16 {
+            if i < 16 {
+                src.push_str(&format!("message L{i} {{ L{} a = 1; }}\n", i + 1));
+            } else {
+                src.push_str("message L16 { string x = 1; }\n");
+            }
+        }
+        let p = plan_of(&src, "t.Root").unwrap();
+        let mut shape = &p.fields[0].shape;
+        let mut level = 1;
+        while let Shape::Record(sub) = shape {
+            shape = &sub.fields[0].shape;
+            level += 1;
+        }
+        assert_eq!(level, 16, "levels 1..=15 are records");
+        assert!(matches!(shape, Shape::Json));
+    }
+
+    #[test]
+    fn empty_messages_make_no_column() {
+        let p = plan_of(
+            "syntax = \"proto3\"; package t; import \"google/protobuf/empty.proto\";
+             message E {} message OnlyEmpty { google.protobuf.Empty e = 1; }
+             message M { E a = 1; OnlyEmpty b = 2; google.protobuf.Empty c = 3; string d = 4; }",
+            "t.M",
+        )
+        .unwrap();
+        assert_eq!(p.fields.len(), 1);
+        assert_eq!(p.fields[0].field.name(), "d");
+    }
+
+    #[test]
+    fn load_time_name_errors_name_the_field() {
+        for (src, needle) in [
+            ("message M { string _message_id = 1; }", "M._message_id"),
+            ("message M { string _PUBLISH_TIME = 1; }", "M._PUBLISH_TIME"),
+            ("message M { string _TABLE_x = 1; }", "reserved prefix"),
+            ("message M { string a_b = 1; string A_b = 2; }", "only in case"),
+        ] {
+            let e = plan_of(&format!("syntax = \"proto3\"; package t; {src}"), "t.M")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{src}: {e}");
+        }
+    }
+}
