@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod ack;
+pub mod auth;
 pub mod batch;
 pub mod error;
 pub mod record;
@@ -18,6 +19,7 @@ pub mod stats;
 pub mod time;
 
 pub use ack::{AckHandle, AckPart};
+pub use auth::{NoAuth, TokenProvider};
 pub use batch::BatchLimits;
 pub use error::{Classify, ErrorClass};
 pub use record::{Envelope, Record};

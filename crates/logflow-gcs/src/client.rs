@@ -1,0 +1,199 @@
+//! The object client: whole-object writes that never overwrite, listing through the JSON API
+//! (which real GCS and the emulators both serve; the SDK lists over gRPC only), and reads.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use google_cloud_gax::retry_policy::NeverRetry;
+use google_cloud_storage::client::Storage;
+use logflow_core::{RetryPolicy, Stats, TokenProvider};
+use serde::Deserialize;
+use tracing::warn;
+
+use crate::error::GcsError;
+
+const GCS_JSON_API: &str = "https://storage.googleapis.com";
+/// Objects are uploaded in one request up to this size (resumable uploads would add round trips,
+/// and hang against the emulators). Batches are bounded well below it by configuration.
+const SINGLE_SHOT_LIMIT: usize = 1 << 30;
+
+/// How to reach GCS.
+#[derive(Debug, Clone)]
+pub struct GcsOptions {
+    /// Emulator base URL (`http://127.0.0.1:4443`); `None` for real GCS with ADC.
+    pub emulator_endpoint: Option<String>,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// Bearer tokens for the JSON API calls.
+    pub tokens: Arc<dyn TokenProvider>,
+}
+
+/// A listed object.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ObjectInfo {
+    /// Object name.
+    pub name: String,
+    /// Size in bytes (the JSON API sends it as a decimal string).
+    #[serde(deserialize_with = "de_u64_string")]
+    pub size: u64,
+}
+
+fn de_u64_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListPage {
+    #[serde(default)]
+    items: Vec<ObjectInfo>,
+    next_page_token: Option<String>,
+}
+
+/// GCS client shared by the archive and dead-letter writers of every pipeline.
+#[derive(Debug, Clone)]
+pub struct Gcs {
+    storage: Storage,
+    http: reqwest::Client,
+    json_api: String,
+    options: GcsOptions,
+}
+
+impl Gcs {
+    /// Builds the client. Against real GCS the SDK uses Application Default Credentials.
+    pub async fn new(options: GcsOptions) -> Result<Self, GcsError> {
+        let mut builder = Storage::builder()
+            .with_retry_policy(NeverRetry)
+            .with_resumable_upload_threshold(SINGLE_SHOT_LIMIT);
+        if let Some(ep) = &options.emulator_endpoint {
+            builder = builder
+                .with_endpoint(ep.clone())
+                .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+        }
+        let storage = builder.build().await.map_err(|e| GcsError::Auth(e.to_string()))?;
+        let json_api = options.emulator_endpoint.clone().unwrap_or_else(|| GCS_JSON_API.to_string());
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .map_err(|e| GcsError::Auth(e.to_string()))?;
+        Ok(Gcs { storage, http, json_api, options })
+    }
+
+    /// Writes a new object in one request with `ifGenerationMatch=0`, retrying transient
+    /// failures. A 412 on a retry means an earlier attempt of ours landed: success. A 412 on the
+    /// first attempt means the name is taken: a permanent error (names are unique per worker).
+    pub async fn put_new(
+        &self,
+        bucket: &str,
+        name: &str,
+        data: Bytes,
+        content_type: &'static str,
+        stats: &Stats,
+    ) -> Result<(), GcsError> {
+        let mut attempt = 0u32;
+        let result = self
+            .options
+            .retry
+            .run(
+                || {
+                    attempt += 1;
+                    let data = data.clone();
+                    let first = attempt == 1;
+                    async move {
+                        match self.put_once(bucket, name, data, content_type).await {
+                            Err(GcsError::Http { status: 412, .. }) if !first => Ok(()),
+                            other => other,
+                        }
+                    }
+                },
+                |e, n| {
+                    stats.add(&stats.retries, 1);
+                    warn!(bucket, object = name, attempt = n, error = %e, "gcs write failed, retrying");
+                },
+            )
+            .await;
+        result
+    }
+
+    async fn put_once(&self, bucket: &str, name: &str, data: Bytes, content_type: &'static str) -> Result<(), GcsError> {
+        self.storage
+            .write_object(format!("projects/_/buckets/{bucket}"), name, data)
+            .set_if_generation_match(0)
+            .set_content_type(content_type)
+            .send_buffered()
+            .await
+            .map(|_| ())
+            .map_err(|e| sdk_error("put", bucket, name, &e))
+    }
+
+    /// Reads a whole object.
+    pub async fn get(&self, bucket: &str, name: &str) -> Result<Bytes, GcsError> {
+        let mut resp = self
+            .storage
+            .read_object(format!("projects/_/buckets/{bucket}"), name)
+            .send()
+            .await
+            .map_err(|e| sdk_error("get", bucket, name, &e))?;
+        let mut out = Vec::new();
+        while let Some(chunk) = resp.next().await {
+            out.extend_from_slice(&chunk.map_err(|e| sdk_error("get", bucket, name, &e))?);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Lists every object under `prefix`, following page tokens.
+    pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectInfo>, GcsError> {
+        let url = format!("{}/storage/v1/b/{bucket}/o", self.json_api);
+        let mut out = Vec::new();
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut req = self.http.get(&url).query(&[("prefix", prefix), ("fields", "items(name,size),nextPageToken")]);
+            if let Some(t) = &page_token {
+                req = req.query(&[("pageToken", t.as_str())]);
+            }
+            if let Some(token) = self.options.tokens.token().await.map_err(GcsError::Auth)? {
+                req = req.bearer_auth(token);
+            }
+            let transport = |e: reqwest::Error| GcsError::Transport {
+                op: "list",
+                bucket: bucket.to_string(),
+                object: prefix.to_string(),
+                message: e.to_string(),
+            };
+            let resp = req.send().await.map_err(transport)?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(GcsError::Http {
+                    op: "list",
+                    bucket: bucket.to_string(),
+                    object: prefix.to_string(),
+                    status: status.as_u16(),
+                    message: resp.text().await.unwrap_or_default(),
+                });
+            }
+            let page: ListPage = resp.json().await.map_err(transport)?;
+            out.extend(page.items);
+            match page.next_page_token {
+                Some(t) if !t.is_empty() => page_token = Some(t),
+                _ => return Ok(out),
+            }
+        }
+    }
+}
+
+fn sdk_error(op: &'static str, bucket: &str, object: &str, e: &google_cloud_storage::Error) -> GcsError {
+    if let Some(status) = e.http_status_code() {
+        return GcsError::Http {
+            op,
+            bucket: bucket.to_string(),
+            object: object.to_string(),
+            status,
+            message: e.to_string(),
+        };
+    }
+    if e.is_authentication() {
+        return GcsError::Auth(e.to_string());
+    }
+    GcsError::Transport { op, bucket: bucket.to_string(), object: object.to_string(), message: e.to_string() }
+}
