@@ -13,6 +13,7 @@ pub mod ack;
 pub mod auth;
 pub mod batch;
 pub mod error;
+pub mod json;
 pub mod record;
 pub mod retry;
 pub mod stats;

@@ -4,6 +4,8 @@ use base64::Engine as _;
 use prost_reflect::{DynamicMessage, Kind, MapKey, MessageDescriptor, ReflectMessage, SerializeOptions, Value};
 
 use crate::error::{DecodeError, DecodeErrorKind, SchemaError};
+use logflow_core::json::push_str as push_json_str;
+
 use crate::plan::{FieldPlan, MessagePlan, Shape};
 
 /// Smallest and largest valid Timestamp seconds (0001-01-01T00:00:00Z, 9999-12-31T23:59:59Z).
@@ -329,34 +331,6 @@ fn push_non_finite(out: &mut Vec<u8>, x: f64) {
     out.extend_from_slice(s);
 }
 
-/// Appends `s` as a JSON string literal.
-pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let esc: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        if esc.is_empty() {
-            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
-        } else {
-            out.extend_from_slice(esc);
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,12 +492,5 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(e.kind, DecodeErrorKind::InvalidValue);
-    }
-
-    #[test]
-    fn json_string_escaping() {
-        let mut out = Vec::new();
-        push_json_str(&mut out, "q\"\\\u{7}é");
-        assert_eq!(String::from_utf8(out).unwrap(), r#""q\"\\\u0007é""#);
     }
 }

@@ -1,0 +1,376 @@
+//! insertAll with pre-serialised rows, plus the table administration the sink needs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gcp_bigquery_client::error::BQError;
+use gcp_bigquery_client::model::query_request::QueryRequest;
+use gcp_bigquery_client::model::table::Table;
+use logflow_core::json::push_str;
+use logflow_core::{RetryPolicy, Stats, TokenProvider};
+use serde::Deserialize;
+use tracing::warn;
+
+use crate::auth::BqAuthenticator;
+use crate::error::BqError;
+
+const BIGQUERY_API: &str = "https://bigquery.googleapis.com/bigquery/v2";
+/// BigQuery rejects insertAll requests over 10 MB; stay under it with room for headers.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 9 * 1024 * 1024;
+/// `stopped` rows are re-sent at most this many times (they only fail when another row of the
+/// same request was invalid, which `skipInvalidRows` normally prevents).
+const MAX_STOPPED_RESENDS: usize = 3;
+
+/// How to reach BigQuery.
+#[derive(Debug, Clone)]
+pub struct BigQueryOptions {
+    /// Emulator base URL (`http://127.0.0.1:9050`); `None` for real BigQuery.
+    pub emulator_endpoint: Option<String>,
+    /// Project of the datasets.
+    pub project: String,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+    /// Bearer tokens.
+    pub tokens: Arc<dyn TokenProvider>,
+    /// Largest insertAll body.
+    pub max_request_bytes: usize,
+}
+
+/// A row BigQuery refused as invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowRejection {
+    /// Index of the row in the slice given to [`BigQuery::insert_all`].
+    pub index: usize,
+    /// BigQuery's reason (`invalid`).
+    pub reason: String,
+    /// BigQuery's message, with the column location when given.
+    pub message: String,
+}
+
+/// What happened to the rows of an insert: all not listed as rejected were accepted.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InsertOutcome {
+    /// Rows refused as invalid, by index.
+    pub rejected: Vec<RowRejection>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InsertAllResponse {
+    #[serde(default)]
+    insert_errors: Vec<InsertErrors>,
+}
+
+#[derive(Deserialize)]
+struct InsertErrors {
+    index: usize,
+    #[serde(default)]
+    errors: Vec<ErrorProto>,
+}
+
+#[derive(Deserialize)]
+struct ErrorProto {
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    location: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: ErrorBody,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    errors: Vec<ErrorProto>,
+}
+
+/// BigQuery client of one worker, shared by its pipelines.
+#[derive(Clone)]
+pub struct BigQuery {
+    http: reqwest::Client,
+    base: String,
+    admin: gcp_bigquery_client::Client,
+    options: BigQueryOptions,
+}
+
+impl std::fmt::Debug for BigQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BigQuery").field("base", &self.base).field("project", &self.options.project).finish()
+    }
+}
+
+impl BigQuery {
+    /// Builds the client.
+    pub async fn new(options: BigQueryOptions) -> Result<Self, BqError> {
+        let base = match &options.emulator_endpoint {
+            Some(ep) => format!("{}/bigquery/v2", ep.trim_end_matches('/')),
+            None => BIGQUERY_API.to_string(),
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| BqError::Auth(e.to_string()))?;
+        let auth = Arc::new(BqAuthenticator(Arc::clone(&options.tokens)));
+        let admin = gcp_bigquery_client::client_builder::ClientBuilder::new()
+            .with_v2_base_url(base.clone())
+            .with_client(http.clone())
+            .build_from_authenticator(auth)
+            .await
+            .map_err(|e| BqError::Auth(e.to_string()))?;
+        Ok(BigQuery { http, base, admin, options })
+    }
+
+    /// The project of the datasets.
+    pub fn project(&self) -> &str {
+        &self.options.project
+    }
+
+    /// Inserts `rows` (`(insert_id, row JSON object)`) into `dataset.table`, in as many requests
+    /// as the size limit needs. Transient failures are retried; per-row rejections are returned.
+    pub async fn insert_all(
+        &self,
+        dataset: &str,
+        table: &str,
+        rows: &[(&str, &[u8])],
+        stats: &Stats,
+    ) -> Result<InsertOutcome, BqError> {
+        let url = format!("{}/projects/{}/datasets/{dataset}/tables/{table}/insertAll", self.base, self.options.project);
+        let target = format!("{dataset}.{table}");
+        let mut outcome = InsertOutcome::default();
+        let mut start = 0;
+        while start < rows.len() {
+            let (end, body) = build_body(rows, start, self.options.max_request_bytes);
+            let mut pending: Vec<usize> = (start..end).collect();
+            let mut body = body;
+            for resend in 0..=MAX_STOPPED_RESENDS {
+                let errors = self.send_insert(&url, &target, body, stats).await?;
+                let mut stopped = Vec::new();
+                for e in errors {
+                    let Some(&row) = pending.get(e.index) else {
+                        return Err(BqError::Protocol {
+                            op: "insertAll",
+                            target,
+                            message: format!("insertErrors index {} out of range", e.index),
+                        });
+                    };
+                    let invalid = e.errors.iter().find(|x| x.reason != "stopped");
+                    match invalid {
+                        Some(x) => outcome.rejected.push(RowRejection {
+                            index: row,
+                            reason: x.reason.clone(),
+                            message: if x.location.is_empty() {
+                                x.message.clone()
+                            } else {
+                                format!("{}: {}", x.location, x.message)
+                            },
+                        }),
+                        None => stopped.push(row),
+                    }
+                }
+                if stopped.is_empty() {
+                    break;
+                }
+                if resend == MAX_STOPPED_RESENDS {
+                    return Err(BqError::Protocol {
+                        op: "insertAll",
+                        target,
+                        message: format!("{} rows still `stopped` after {MAX_STOPPED_RESENDS} resends", stopped.len()),
+                    });
+                }
+                let subset: Vec<(&str, &[u8])> = stopped.iter().map(|&i| rows[i]).collect();
+                body = build_body(&subset, 0, usize::MAX).1;
+                pending = stopped;
+            }
+            start = end;
+        }
+        outcome.rejected.sort_by_key(|r| r.index);
+        Ok(outcome)
+    }
+
+    async fn send_insert(&self, url: &str, target: &str, body: Vec<u8>, stats: &Stats) -> Result<Vec<InsertErrors>, BqError> {
+        let body = bytes::Bytes::from(body);
+        self.options
+            .retry
+            .run(
+                || {
+                    let body = body.clone();
+                    async move {
+                        let mut req = self.http.post(url).header("content-type", "application/json").body(body);
+                        if let Some(t) = self.options.tokens.token().await.map_err(BqError::Auth)? {
+                            req = req.bearer_auth(t);
+                        }
+                        let resp = req.send().await.map_err(|e| BqError::Transport {
+                            op: "insertAll",
+                            target: target.to_string(),
+                            message: e.to_string(),
+                        })?;
+                        let status = resp.status().as_u16();
+                        let text = resp.bytes().await.map_err(|e| BqError::Transport {
+                            op: "insertAll",
+                            target: target.to_string(),
+                            message: e.to_string(),
+                        })?;
+                        if !(200..300).contains(&status) {
+                            return Err(http_error("insertAll", target, status, &text));
+                        }
+                        let parsed: InsertAllResponse = serde_json::from_slice(&text).map_err(|e| BqError::Protocol {
+                            op: "insertAll",
+                            target: target.to_string(),
+                            message: e.to_string(),
+                        })?;
+                        Ok(parsed.insert_errors)
+                    }
+                },
+                |e, n| {
+                    stats.add(&stats.retries, 1);
+                    warn!(table = target, attempt = n, error = %e, "bigquery insert failed, retrying");
+                },
+            )
+            .await
+    }
+
+    /// Creates `dataset.table` with `schema` (a `{"fields": [...]}` object), partitioned by day
+    /// on `_publish_time`, unless it exists. A missing dataset is a permanent error.
+    pub async fn ensure_table(&self, dataset: &str, table: &str, schema: serde_json::Value) -> Result<(), BqError> {
+        let project = self.options.project.clone();
+        let target = format!("{dataset}.{table}");
+        match self.admin.table().get(&project, dataset, table, None).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let e = admin_error("tables.get", &target, e);
+                if !matches!(e, BqError::Http { status: 404, .. }) {
+                    return Err(e);
+                }
+            }
+        }
+        let resource = serde_json::json!({
+            "tableReference": {"projectId": project, "datasetId": dataset, "tableId": table},
+            "schema": schema,
+            "timePartitioning": {"type": "DAY", "field": "_publish_time"},
+            "description": "Written by logflow: one row per Pub/Sub message, insertId = _message_id.",
+        });
+        let table_res: Table = serde_json::from_value(resource).map_err(|e| BqError::Protocol {
+            op: "tables.insert",
+            target: target.clone(),
+            message: e.to_string(),
+        })?;
+        match self.admin.table().create(table_res).await {
+            Ok(_) => Ok(()),
+            Err(e) => match admin_error("tables.insert", &target, e) {
+                // Another worker created it first.
+                BqError::Http { status: 409, .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// Runs a standard-SQL query and returns its rows as cell values.
+    pub async fn query(&self, sql: &str) -> Result<Vec<Vec<Option<serde_json::Value>>>, BqError> {
+        let resp = self
+            .admin
+            .job()
+            .query(&self.options.project, QueryRequest::new(sql))
+            .await
+            .map_err(|e| admin_error("jobs.query", sql, e))?;
+        Ok(resp
+            .rows
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.columns.unwrap_or_default().into_iter().map(|c| c.value).collect())
+            .collect())
+    }
+
+    /// The admin client, for dataset and table operations.
+    pub fn admin(&self) -> &gcp_bigquery_client::Client {
+        &self.admin
+    }
+}
+
+/// Builds an insertAll body from `rows[start..]`, as many rows as fit in `max_bytes` (at least
+/// one). Returns the end index and the body.
+fn build_body(rows: &[(&str, &[u8])], start: usize, max_bytes: usize) -> (usize, Vec<u8>) {
+    const HEAD: &[u8] = b"{\"skipInvalidRows\":true,\"ignoreUnknownValues\":false,\"rows\":[";
+    let mut body = Vec::with_capacity(HEAD.len() + rows[start..].iter().map(|r| r.1.len() + 48).sum::<usize>().min(max_bytes));
+    body.extend_from_slice(HEAD);
+    let mut end = start;
+    for (i, (id, json)) in rows.iter().enumerate().skip(start) {
+        let mark = body.len();
+        if i > start {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"insertId\":");
+        push_str(&mut body, id);
+        body.extend_from_slice(b",\"json\":");
+        body.extend_from_slice(json);
+        body.push(b'}');
+        if body.len() + 2 > max_bytes && i > start {
+            body.truncate(mark);
+            break;
+        }
+        end = i + 1;
+    }
+    body.extend_from_slice(b"]}");
+    (end, body)
+}
+
+fn http_error(op: &'static str, target: &str, status: u16, body: &[u8]) -> BqError {
+    let (reason, message) = match serde_json::from_slice::<ErrorEnvelope>(body) {
+        Ok(env) => (env.error.errors.first().map(|e| e.reason.clone()).unwrap_or_default(), env.error.message),
+        Err(_) => (String::new(), String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()),
+    };
+    BqError::Http { op, target: target.to_string(), status, reason, message }
+}
+
+fn admin_error(op: &'static str, target: &str, e: BQError) -> BqError {
+    match e {
+        BQError::ResponseError { error } => BqError::Http {
+            op,
+            target: target.to_string(),
+            status: u16::try_from(error.error.code).unwrap_or(500),
+            reason: error.error.errors.first().and_then(|m| m.get("reason").cloned()).unwrap_or_default(),
+            message: error.error.message,
+        },
+        BQError::RequestError(e) => BqError::Transport { op, target: target.to_string(), message: e.to_string() },
+        BQError::NoToken => BqError::Auth("no access token".into()),
+        other => BqError::Protocol { op, target: target.to_string(), message: other.to_string() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_is_valid_json_with_insert_ids() {
+        let rows: Vec<(&str, &[u8])> = vec![("1", br#"{"a":1}"#), ("2\"", br#"{"a":2}"#)];
+        let (end, body) = build_body(&rows, 0, usize::MAX);
+        assert_eq!(end, 2);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["skipInvalidRows"], true);
+        assert_eq!(v["rows"][1]["insertId"], "2\"");
+        assert_eq!(v["rows"][1]["json"]["a"], 2);
+    }
+
+    #[test]
+    fn body_splits_at_the_byte_limit_but_never_empty() {
+        let big = vec![b'x'; 100];
+        let row = format!("{{\"s\":\"{}\"}}", String::from_utf8(big).unwrap());
+        let rows: Vec<(&str, &[u8])> = (0..10).map(|_| ("id", row.as_bytes())).collect();
+        let (end, body) = build_body(&rows, 0, 400);
+        assert!(body.len() <= 400, "{}", body.len());
+        assert!(end >= 1 && end < 10, "{end}");
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap();
+        let (end1, _) = build_body(&rows, 0, 10);
+        assert_eq!(end1, 1, "a row larger than the limit is still sent alone");
+        let (end2, body2) = build_body(&rows, end, 400);
+        assert!(end2 > end);
+        serde_json::from_slice::<serde_json::Value>(&body2).unwrap();
+    }
+}

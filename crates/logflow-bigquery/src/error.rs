@@ -1,0 +1,81 @@
+//! BigQuery errors, classified.
+
+use logflow_core::error::classify_http_status;
+use logflow_core::{Classify, ErrorClass};
+
+/// A failed BigQuery call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BqError {
+    /// HTTP error status from the API.
+    #[error("bigquery: {op} {target}: HTTP {status} ({reason}): {message}")]
+    Http {
+        /// What was attempted.
+        op: &'static str,
+        /// `dataset.table` or dataset.
+        target: String,
+        /// HTTP status.
+        status: u16,
+        /// BigQuery's error reason (`notFound`, `quotaExceeded`...), if given.
+        reason: String,
+        /// BigQuery's message.
+        message: String,
+    },
+    /// The request did not complete.
+    #[error("bigquery: {op} {target}: {message}")]
+    Transport {
+        /// What was attempted.
+        op: &'static str,
+        /// Target.
+        target: String,
+        /// Detail.
+        message: String,
+    },
+    /// Credentials could not be obtained.
+    #[error("bigquery: credentials: {0}")]
+    Auth(String),
+    /// The response could not be understood.
+    #[error("bigquery: {op} {target}: unexpected response: {message}")]
+    Protocol {
+        /// What was attempted.
+        op: &'static str,
+        /// Target.
+        target: String,
+        /// Detail.
+        message: String,
+    },
+}
+
+impl Classify for BqError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            BqError::Http { status, reason, .. } => match reason.as_str() {
+                "quotaExceeded" | "rateLimitExceeded" | "backendError" | "internalError" => ErrorClass::Transient,
+                _ => classify_http_status(*status),
+            },
+            BqError::Transport { .. } => ErrorClass::Transient,
+            BqError::Auth(_) => ErrorClass::Permanent,
+            BqError::Protocol { .. } => ErrorClass::Transient,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(status: u16, reason: &str) -> BqError {
+        BqError::Http { op: "insertAll", target: "d.t".into(), status, reason: reason.into(), message: String::new() }
+    }
+
+    #[test]
+    fn classes() {
+        assert_eq!(http(404, "notFound").class(), ErrorClass::Permanent);
+        assert_eq!(http(403, "accessDenied").class(), ErrorClass::Permanent);
+        assert_eq!(http(403, "quotaExceeded").class(), ErrorClass::Transient);
+        assert_eq!(http(403, "rateLimitExceeded").class(), ErrorClass::Transient);
+        assert_eq!(http(500, "").class(), ErrorClass::Transient);
+        assert_eq!(http(503, "backendError").class(), ErrorClass::Transient);
+        assert_eq!(http(400, "invalid").class(), ErrorClass::Permanent);
+    }
+}
