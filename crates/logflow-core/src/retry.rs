@@ -50,6 +50,11 @@ impl RetryPolicy {
         self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
     }
 
+    /// A full-jitter backoff before attempt `attempt + 1`: uniform in `[0, ceiling(attempt)]`.
+    pub fn jittered_backoff(&self, attempt: u32) -> Duration {
+        rand::rng().random_range(Duration::ZERO..=self.ceiling(attempt))
+    }
+
     /// Runs `op` until it succeeds, fails with a non-transient error, or the bounds are reached.
     /// `on_retry` is told of each transient failure that will be retried.
     pub async fn run<T, E, F, Fut>(&self, mut op: F, mut on_retry: impl FnMut(&E, u32)) -> Result<T, E>
@@ -71,8 +76,7 @@ impl RetryPolicy {
                         return Err(e);
                     }
                     on_retry(&e, attempt);
-                    let ceiling = self.ceiling(attempt);
-                    let jittered = rand::rng().random_range(Duration::ZERO..=ceiling);
+                    let jittered = self.jittered_backoff(attempt);
                     let remaining = self.max_elapsed.saturating_sub(start.elapsed());
                     tokio::time::sleep(jittered.min(remaining)).await;
                     attempt += 1;

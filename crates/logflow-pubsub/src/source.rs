@@ -1,0 +1,210 @@
+//! The source task: pull, bound, fan out to the pipeline's branches.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use google_cloud_gax::error::rpc::Code;
+use google_cloud_pubsub::client::Subscriber;
+use google_cloud_pubsub::subscriber::ShutdownBehavior;
+use google_cloud_pubsub::subscriber::handler::Handler;
+use logflow_core::{AckHandle, AckPart, Envelope, Record, RetryPolicy, Stats};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Backoff between re-opens of a failed stream: quick first, capped at 30 s so a worker
+/// resumes soon after an outage without hammering the service. Attempts are not bounded:
+/// a source never gives up on a transient failure.
+const REOPEN_BACKOFF: RetryPolicy = RetryPolicy {
+    max_attempts: u32::MAX,
+    max_elapsed: Duration::MAX,
+    initial_backoff: Duration::from_millis(100),
+    max_backoff: Duration::from_secs(30),
+};
+
+/// Source settings of one pipeline.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Full subscription name, `projects/{project}/subscriptions/{id}`.
+    pub subscription: String,
+    /// Messages held (received, not yet acked or nacked) at most.
+    pub max_outstanding_messages: usize,
+    /// Payload bytes held at most.
+    pub max_outstanding_bytes: usize,
+    /// Each lease extension asks for this much time. Short means a crashed worker's messages
+    /// come back soon (inside BigQuery's ~1 min insertId dedup window); the client extends
+    /// leases of held messages by itself.
+    pub lease_extension: Duration,
+    /// A message is held at most this long, after which its lease is no longer extended.
+    pub max_lease: Duration,
+}
+
+/// Why the source stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The subscription does not exist or cannot be read: an operator must act.
+    #[error("pubsub: subscription {subscription}: {message}")]
+    Subscription {
+        /// The subscription.
+        subscription: String,
+        /// Detail.
+        message: String,
+    },
+    /// The pipeline's stages are gone (they failed); nothing more can be processed.
+    #[error("pubsub: the pipeline stopped accepting messages")]
+    PipelineClosed,
+    /// The client could not be built.
+    #[error("pubsub: client: {0}")]
+    Client(String),
+}
+
+/// Builds a subscriber: against `emulator_endpoint` (`http://127.0.0.1:8685`) without
+/// credentials, or against Pub/Sub with Application Default Credentials.
+pub async fn connect(emulator_endpoint: Option<&str>) -> Result<Subscriber, SourceError> {
+    let mut b = Subscriber::builder();
+    if let Some(ep) = emulator_endpoint {
+        b = b
+            .with_endpoint(ep)
+            .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+    }
+    b.build().await.map_err(|e| SourceError::Client(e.to_string()))
+}
+
+/// Streams the messages of one subscription into the pipeline.
+#[derive(Debug)]
+pub struct PubsubSource {
+    client: Subscriber,
+    options: SourceOptions,
+}
+
+struct PubsubAck {
+    handler: Handler,
+    stats: Arc<Stats>,
+    _message: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+}
+
+impl AckHandle for PubsubAck {
+    fn ack(self: Box<Self>) {
+        self.stats.add(&self.stats.acked, 1);
+        self.handler.ack();
+    }
+    fn nack(self: Box<Self>) {
+        self.stats.add(&self.stats.nacked, 1);
+        self.handler.nack();
+    }
+}
+
+impl PubsubSource {
+    /// A source on `options.subscription`.
+    pub fn new(client: Subscriber, options: SourceOptions) -> Self {
+        PubsubSource { client, options }
+    }
+
+    /// Pulls until `shutdown` is cancelled, sending every message to each of `outputs` with its
+    /// own ack part. On shutdown, drops the outputs (so the stages drain and flush), then waits
+    /// for the outstanding messages to be acked or nacked and for the acks to reach Pub/Sub.
+    pub async fn run(
+        self,
+        outputs: [mpsc::Sender<Envelope>; 2],
+        stats: Arc<Stats>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let o = &self.options;
+        let max_bytes = o.max_outstanding_bytes.clamp(1, u32::MAX as usize);
+        let messages = Arc::new(Semaphore::new(o.max_outstanding_messages.max(1)));
+        let bytes = Arc::new(Semaphore::new(max_bytes));
+        let mut failures = 0u32;
+        let mut tokens = Vec::new();
+        let result = 'streams: loop {
+            let mut stream = self
+                .client
+                .subscribe(o.subscription.clone())
+                .set_max_outstanding_messages(o.max_outstanding_messages as i64)
+                .set_max_outstanding_bytes(max_bytes as i64)
+                .set_max_lease_extension(o.lease_extension)
+                .set_max_lease(o.max_lease)
+                .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
+                .build();
+            tokens.push(stream.shutdown_token());
+            info!(subscription = %o.subscription, "streaming pull opened");
+            loop {
+                let message_permit = tokio::select! {
+                    _ = shutdown.cancelled() => break 'streams Ok(()),
+                    p = Arc::clone(&messages).acquire_owned() => p.expect("semaphore never closed"),
+                };
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break 'streams Ok(()),
+                    n = stream.next() => n,
+                };
+                let (msg, handler) = match next {
+                    Some(Ok(pair)) => pair,
+                    Some(Err(e)) => {
+                        let permanent = e.status().is_some_and(|s| {
+                            matches!(s.code, Code::NotFound | Code::PermissionDenied | Code::Unauthenticated)
+                        });
+                        if permanent {
+                            break 'streams Err(SourceError::Subscription {
+                                subscription: o.subscription.clone(),
+                                message: e.to_string(),
+                            });
+                        }
+                        failures += 1;
+                        let wait = REOPEN_BACKOFF.jittered_backoff(failures);
+                        warn!(subscription = %o.subscription, error = %e, retry_in = ?wait, "streaming pull failed, re-opening");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break 'streams Ok(()),
+                            _ = tokio::time::sleep(wait) => continue 'streams,
+                        }
+                    }
+                    None => {
+                        warn!(subscription = %o.subscription, "streaming pull ended, re-opening");
+                        continue 'streams;
+                    }
+                };
+                failures = 0;
+                let size = msg.data.len() + msg.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                // A message larger than the byte budget takes all of it, and waits for it.
+                let need = size.clamp(1, max_bytes) as u32;
+                let bytes_permit = tokio::select! {
+                    _ = shutdown.cancelled() => break 'streams Ok(()),
+                    p = Arc::clone(&bytes).acquire_many_owned(need) => p.expect("semaphore never closed"),
+                };
+                let record = Arc::new(to_record(msg, handler.delivery_attempt()));
+                stats.add(&stats.received, 1);
+                let ack = PubsubAck { handler, stats: Arc::clone(&stats), _message: message_permit, _bytes: bytes_permit };
+                let [a, b] = AckPart::split::<2>(Box::new(ack));
+                let sent = outputs[0].send(Envelope { record: Arc::clone(&record), ack: a }).await.is_ok()
+                    && outputs[1].send(Envelope { record, ack: b }).await.is_ok();
+                if !sent {
+                    break 'streams Err(SourceError::PipelineClosed);
+                }
+            }
+        };
+        drop(outputs);
+        // Wait for the held messages to be decided and their acks flushed to Pub/Sub.
+        for t in tokens {
+            t.shutdown().await;
+        }
+        info!(subscription = %o.subscription, "source stopped");
+        result
+    }
+}
+
+fn to_record(msg: google_cloud_pubsub::model::Message, delivery_attempt: Option<i32>) -> Record {
+    let publish_time_micros = msg
+        .publish_time
+        .map(|t| t.seconds() * 1_000_000 + i64::from(t.nanos() / 1000))
+        .unwrap_or(0);
+    let mut attributes: Vec<(String, String)> = msg.attributes.into_iter().collect();
+    attributes.sort_unstable();
+    Record {
+        message_id: msg.message_id,
+        publish_time_micros,
+        attributes,
+        ordering_key: msg.ordering_key,
+        data: msg.data,
+        delivery_attempt,
+    }
+}
