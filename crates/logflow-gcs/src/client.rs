@@ -142,6 +142,32 @@ impl Gcs {
         Ok(Bytes::from(out))
     }
 
+    /// Checks that `bucket` exists and can be read (`GET /storage/v1/b/{bucket}`).
+    pub async fn check_bucket(&self, bucket: &str) -> Result<(), GcsError> {
+        let url = format!("{}/storage/v1/b/{bucket}", self.json_api);
+        let mut req = self.http.get(&url);
+        if let Some(token) = self.options.tokens.token().await.map_err(GcsError::Auth)? {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.map_err(|e| GcsError::Transport {
+            op: "get bucket",
+            bucket: bucket.to_string(),
+            object: String::new(),
+            message: e.to_string(),
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        Err(GcsError::Http {
+            op: "get bucket",
+            bucket: bucket.to_string(),
+            object: String::new(),
+            status: status.as_u16(),
+            message: resp.text().await.unwrap_or_default(),
+        })
+    }
+
     /// Lists every object under `prefix`, following page tokens.
     pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectInfo>, GcsError> {
         let url = format!("{}/storage/v1/b/{bucket}/o", self.json_api);

@@ -1,1 +1,17 @@
+//! The logflow worker as a library: configuration, wiring of the pipelines, the load generator
+//! and read-back tools. `main.rs` is the command line over it; the integration tests drive it
+//! in-process.
+//!
+//! The ack rule (ARCHITECTURE.md): a message is acked only after its raw archive object AND
+//! (its BigQuery row OR its dead-letter object) are durable; any failure leaves it unacked, so
+//! Pub/Sub redelivers it. A crash can only cause redelivery, never loss.
+#![warn(missing_docs)]
 
+pub mod auth;
+pub mod config;
+pub mod endpoints;
+pub mod inspect;
+pub mod publish;
+pub mod samples;
+pub mod stages;
+pub mod worker;

@@ -1,1 +1,186 @@
-fn main(){}
+//! The `logflow` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use logflow::config::Config;
+use logflow::endpoints::Endpoints;
+use logflow::samples::SampleGen;
+use logflow::{inspect, publish, worker};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(name = "logflow", version, about = "Pub/Sub protobuf logs to GCS and BigQuery, nothing lost")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker: pull, archive, decode, insert, dead-letter, ack.
+    Run {
+        /// The YAML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration offline: parse it, compile the schemas, map every type.
+    CheckConfig {
+        /// The YAML configuration.
+        config: PathBuf,
+    },
+    /// Publish realistic sample messages (and some malformed ones) to a topic.
+    Publish {
+        /// Topic id or `projects/P/topics/T`.
+        #[arg(long)]
+        topic: String,
+        /// Project of the topic when an id is given.
+        #[arg(long, env = "LOGFLOW_PROJECT")]
+        project: Option<String>,
+        /// Full protobuf name of the message type.
+        #[arg(long)]
+        message_type: String,
+        /// Directory of `.proto` files.
+        #[arg(long, default_value = "schemas")]
+        schemas: PathBuf,
+        /// Messages to publish.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Fraction of malformed payloads (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        malformed_fraction: f64,
+        /// Seed of the generator.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Show what the pipelines of a configuration have written (BigQuery rows, GCS objects).
+    Inspect {
+        /// The YAML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("LOGFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("LOGFLOW_LOG_FORMAT").is_ok_and(|v| v == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    // One TLS provider for every client (the Google crates are built without a default one).
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        warn!("a rustls crypto provider was already installed");
+    }
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("logflow: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("logflow: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => run(config).await,
+        Command::CheckConfig { config } => {
+            let cfg = Config::load(&config)?;
+            for line in worker::check_config(&cfg)? {
+                println!("{line}");
+            }
+            println!("{}: ok", config.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish { topic, project, message_type, schemas, count, malformed_fraction, seed } => {
+            let topic = if topic.starts_with("projects/") {
+                topic
+            } else {
+                let project = project.context("--project (or LOGFLOW_PROJECT) is needed with a topic id")?;
+                format!("projects/{project}/topics/{topic}")
+            };
+            let registry = logflow_schema::Registry::from_proto_dirs(&[schemas])?;
+            let md = registry.message(&message_type)?;
+            let now = (logflow_core::time::now_micros() / 1_000_000) as i64;
+            let samples = SampleGen::new(seed, now).samples(&md, count, malformed_fraction);
+            let malformed = samples.iter().filter(|s| s.malformed.is_some()).count();
+            let bytes: usize = samples.iter().map(|s| s.payload.len()).sum();
+            let endpoints = Endpoints::from_env();
+            let publisher = publish::publisher(&topic, endpoints.pubsub.as_deref()).await?;
+            let ids = publish::publish_all(&publisher, samples.into_iter().map(|s| (s.payload, Vec::new()))).await?;
+            println!("published {} messages ({malformed} malformed, {bytes} payload bytes) of {message_type} to {topic}", ids.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect { config } => {
+            let cfg = Config::load(&config)?;
+            let clients = worker::Clients::connect(&cfg, &Endpoints::from_env()).await?;
+            let reports = inspect::inspect(&cfg, &clients).await?;
+            print!("{}", inspect::render(&reports));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
+    let cfg = Config::load(&config)?;
+    let grace = cfg.shutdown_grace;
+    let endpoints = Endpoints::from_env();
+    if endpoints.any_emulated() {
+        info!(?endpoints, "using emulators");
+    }
+    let clients = worker::Clients::connect(&cfg, &endpoints).await?;
+    let shutdown = CancellationToken::new();
+    let mut running = worker::start(cfg, clients, shutdown.clone()).await?;
+    tokio::select! {
+        r = &mut running.done => return finish(r),
+        s = signal() => info!(signal = s, "shutting down: stop pulling, flush, ack"),
+    }
+    shutdown.cancel();
+    tokio::select! {
+        r = &mut running.done => finish(r),
+        _ = tokio::time::sleep(grace) => {
+            error!(grace = ?grace, "shutdown grace exceeded; unacked messages will be redelivered");
+            Ok(ExitCode::FAILURE)
+        }
+        s = signal() => {
+            warn!(signal = s, "second signal: exiting now; unacked messages will be redelivered");
+            Ok(ExitCode::from(130))
+        }
+    }
+}
+
+fn finish(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<ExitCode> {
+    r.context("worker task")??;
+    info!("worker stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT, with the signal's name.
+async fn signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers, never resolve: the worker runs until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

@@ -1,0 +1,360 @@
+//! The worker's YAML configuration: parsed strictly (unknown keys are errors), then validated
+//! into settings the pipelines can trust. Every error names the field and says how to fix it.
+//!
+//! The field doc comments below are the reference; README.md has an annotated example.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use logflow_core::{BatchLimits, RetryPolicy};
+use serde::Deserialize;
+
+const MIB: usize = 1024 * 1024;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// GCP project of the subscriptions and BigQuery datasets. `LOGFLOW_PROJECT` overrides it.
+    pub project: String,
+    /// Where message types come from.
+    pub schemas: SchemasConfig,
+    /// One pipeline per subscription.
+    pub pipelines: Vec<PipelineConfig>,
+    /// Bound on a graceful shutdown (SIGTERM): stop pulling, flush, ack. Keep it below the
+    /// pod's `terminationGracePeriodSeconds` (30 s by default).
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Retries of transient GCS and BigQuery failures.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+}
+
+/// Descriptor sources.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemasConfig {
+    /// Directories of `.proto` files, compiled at start (imports resolve against them).
+    /// Relative paths are relative to the config file.
+    #[serde(default)]
+    pub proto_dirs: Vec<PathBuf>,
+    /// `FileDescriptorSet` files (`protoc --include_imports --descriptor_set_out=...`).
+    #[serde(default)]
+    pub descriptor_sets: Vec<PathBuf>,
+}
+
+/// One subscription and where its messages go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Short name, used in logs and object names.
+    pub name: String,
+    /// Subscription id, or its full name `projects/P/subscriptions/S`.
+    pub subscription: String,
+    /// Full protobuf name of the payloads' message type.
+    pub message_type: String,
+    /// BigQuery destination.
+    pub bigquery: BigQueryConfig,
+    /// Raw archive of every message.
+    pub archive: ArchiveConfig,
+    /// Where messages that cannot become rows go.
+    pub dead_letter: DeadLetterConfig,
+    /// Bounds on messages held by the worker.
+    #[serde(default)]
+    pub flow_control: FlowControlConfig,
+}
+
+/// BigQuery destination of a pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BigQueryConfig {
+    /// Dataset (must exist).
+    pub dataset: String,
+    /// Table; created from the message type's schema when missing.
+    pub table: String,
+    /// insertAll batching: at most 500 rows is BigQuery's recommendation.
+    #[serde(default = "default_bq_batch")]
+    pub batch: BatchLimits,
+    /// insertAll requests in flight at once.
+    #[serde(default = "default_bq_concurrency")]
+    pub concurrency: usize,
+}
+
+/// Raw archive output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// Bucket (must exist).
+    pub bucket: String,
+    /// Object name prefix.
+    #[serde(default = "default_archive_prefix")]
+    pub prefix: String,
+    /// One object per batch.
+    #[serde(default = "default_archive_batch")]
+    pub batch: BatchLimits,
+}
+
+/// Dead-letter output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Bucket (must exist; may be the archive's).
+    pub bucket: String,
+    /// Object name prefix.
+    #[serde(default = "default_dead_letter_prefix")]
+    pub prefix: String,
+    /// One object per batch.
+    #[serde(default = "default_dead_letter_batch")]
+    pub batch: BatchLimits,
+}
+
+/// What the worker holds at most, per pipeline (received, not yet acked).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowControlConfig {
+    /// Messages held at most.
+    pub max_outstanding_messages: usize,
+    /// Payload bytes held at most.
+    pub max_outstanding_bytes: usize,
+    /// Each lease extension asks Pub/Sub for this long (10 s to 600 s). After a crash, held
+    /// messages come back this soon: 15 s keeps redeliveries inside BigQuery's ~1 min
+    /// insertId dedup window.
+    #[serde(with = "humantime_serde")]
+    pub lease_extension: Duration,
+    /// A message is held at most this long. It must exceed the worst case of a batch's age
+    /// plus its retries, or messages would be redelivered while still being written.
+    #[serde(with = "humantime_serde")]
+    pub max_lease: Duration,
+}
+
+impl Default for FlowControlConfig {
+    fn default() -> Self {
+        FlowControlConfig {
+            max_outstanding_messages: 50_000,
+            max_outstanding_bytes: 160 * MIB,
+            lease_extension: Duration::from_secs(15),
+            max_lease: Duration::from_secs(600),
+        }
+    }
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(25)
+}
+fn default_bq_concurrency() -> usize {
+    4
+}
+fn default_archive_prefix() -> String {
+    "raw".to_string()
+}
+fn default_dead_letter_prefix() -> String {
+    "dead-letter".to_string()
+}
+fn default_bq_batch() -> BatchLimits {
+    BatchLimits { max_items: 500, max_bytes: 5 * MIB, max_age: Duration::from_secs(1) }
+}
+fn default_archive_batch() -> BatchLimits {
+    BatchLimits { max_items: 25_000, max_bytes: 64 * MIB, max_age: Duration::from_secs(60) }
+}
+fn default_dead_letter_batch() -> BatchLimits {
+    BatchLimits { max_items: 5_000, max_bytes: 16 * MIB, max_age: Duration::from_secs(10) }
+}
+
+/// A configuration error, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config {file}: {message}")]
+pub struct ConfigError {
+    /// The file.
+    pub file: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`. Relative schema paths become relative to the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { file: file.clone(), message: format!("cannot read: {e}") })?;
+        let mut cfg = Config::parse(&text).map_err(|message| ConfigError { file: file.clone(), message })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in cfg.schemas.proto_dirs.iter_mut().chain(cfg.schemas.descriptor_sets.iter_mut()) {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates YAML text; the error names the field.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if path == "." { inner } else { format!("{path}: {inner}") }
+        })?;
+        if let Ok(p) = std::env::var("LOGFLOW_PROJECT") {
+            if !p.is_empty() {
+                cfg.project = p;
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.project.trim().is_empty() {
+            return Err("project: must name the GCP project (or set LOGFLOW_PROJECT)".into());
+        }
+        if self.schemas.proto_dirs.is_empty() && self.schemas.descriptor_sets.is_empty() {
+            return Err("schemas: give at least one of proto_dirs or descriptor_sets".into());
+        }
+        if self.pipelines.is_empty() {
+            return Err("pipelines: at least one pipeline is needed".into());
+        }
+        if self.shutdown_grace.is_zero() {
+            return Err("shutdown_grace: must be greater than 0s, e.g. \"25s\"".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.pipelines.iter().enumerate() {
+            let at = format!("pipelines[{i}]");
+            let nonempty = |field: &str, v: &str| {
+                if v.trim().is_empty() { Err(format!("{at}.{field}: must not be empty")) } else { Ok(()) }
+            };
+            nonempty("name", &p.name)?;
+            if !p.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(format!("{at}.name: `{}` may only use letters, digits, '-' and '_'", p.name));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(format!("{at}.name: `{}` is used by another pipeline; names must be unique", p.name));
+            }
+            nonempty("subscription", &p.subscription)?;
+            nonempty("message_type", &p.message_type)?;
+            nonempty("bigquery.dataset", &p.bigquery.dataset)?;
+            nonempty("bigquery.table", &p.bigquery.table)?;
+            nonempty("archive.bucket", &p.archive.bucket)?;
+            nonempty("dead_letter.bucket", &p.dead_letter.bucket)?;
+            p.bigquery.batch.validate(&format!("{at}.bigquery.batch"))?;
+            p.archive.batch.validate(&format!("{at}.archive.batch"))?;
+            p.dead_letter.batch.validate(&format!("{at}.dead_letter.batch"))?;
+            if p.bigquery.concurrency == 0 {
+                return Err(format!("{at}.bigquery.concurrency: must be at least 1"));
+            }
+            let fc = &p.flow_control;
+            if fc.max_outstanding_messages == 0 || fc.max_outstanding_bytes == 0 {
+                return Err(format!("{at}.flow_control: max_outstanding_messages and max_outstanding_bytes must be at least 1"));
+            }
+            // A batch must be able to fill while the rest of the pipeline holds messages too;
+            // otherwise every flush waits for max_age and throughput collapses.
+            if p.archive.batch.max_items > fc.max_outstanding_messages / 2 {
+                return Err(format!(
+                    "{at}.archive.batch.max_items ({}) must be at most half of flow_control.max_outstanding_messages ({}): raise the latter or lower the former",
+                    p.archive.batch.max_items, fc.max_outstanding_messages
+                ));
+            }
+            if p.archive.batch.max_bytes > fc.max_outstanding_bytes / 2 {
+                return Err(format!(
+                    "{at}.archive.batch.max_bytes ({}) must be at most half of flow_control.max_outstanding_bytes ({}): raise the latter or lower the former",
+                    p.archive.batch.max_bytes, fc.max_outstanding_bytes
+                ));
+            }
+            if !(10..=600).contains(&fc.lease_extension.as_secs()) {
+                return Err(format!("{at}.flow_control.lease_extension: must be between 10s and 600s (Pub/Sub's ack deadline range)"));
+            }
+            let worst = p.archive.batch.max_age.max(p.dead_letter.batch.max_age) + self.retry.max_elapsed;
+            if fc.max_lease <= worst {
+                return Err(format!(
+                    "{at}.flow_control.max_lease ({}) must exceed the longest batch age plus retry.max_elapsed ({}), or messages would be redelivered while still being written",
+                    humantime::format_duration(fc.max_lease),
+                    humantime::format_duration(worst)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PipelineConfig {
+    /// The subscription's full resource name.
+    pub fn subscription_path(&self, project: &str) -> String {
+        if self.subscription.starts_with("projects/") {
+            self.subscription.clone()
+        } else {
+            format!("projects/{project}/subscriptions/{}", self.subscription)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+project: p
+schemas: { proto_dirs: [schemas] }
+pipelines:
+  - name: http
+    subscription: http-sub
+    message_type: acme.http.v1.HttpAccessLog
+    bigquery: { dataset: logs, table: http }
+    archive: { bucket: raw }
+    dead_letter: { bucket: dlq }
+"#;
+
+    #[test]
+    fn a_minimal_config_gets_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        let p = &c.pipelines[0];
+        assert_eq!(p.archive.prefix, "raw");
+        assert_eq!(p.bigquery.batch.max_items, 500);
+        assert_eq!(p.subscription_path("p"), "projects/p/subscriptions/http-sub");
+        assert_eq!(c.shutdown_grace, Duration::from_secs(25));
+    }
+
+    fn err(yaml: &str) -> String {
+        Config::parse(yaml).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (GOOD.replace("table: http", "table: http, tabel: x"), "pipelines[0].bigquery: unknown field `tabel`"),
+            (GOOD.replace("    subscription: http-sub\n", ""), "missing field `subscription`"),
+            (GOOD.replace("bucket: raw", "bucket: raw, batch: { max_items: 10, max_bytes: 10, max_age: soon }"), "pipelines[0].archive.batch.max_age"),
+            (GOOD.replace("bucket: raw", "bucket: \"\""), "pipelines[0].archive.bucket: must not be empty"),
+            (GOOD.replace("name: http", "name: \"a b\""), "pipelines[0].name"),
+            (format!("{GOOD}    flow_control: {{ max_outstanding_messages: 100 }}\n"), "pipelines[0].archive.batch.max_items"),
+            (format!("{GOOD}    flow_control: {{ lease_extension: 5s }}\n"), "lease_extension"),
+            (format!("{GOOD}    flow_control: {{ max_lease: 30s }}\n"), "max_lease"),
+            (GOOD.replace("project: p", "project: p\nextra: 1"), "unknown field `extra`"),
+        ];
+        for (yaml, needle) in cases {
+            let e = err(&yaml);
+            assert!(e.contains(needle), "expected `{needle}` in: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_pipeline_names_are_refused() {
+        let two = format!(
+            "{GOOD}{}",
+            GOOD.split("pipelines:\n").nth(1).unwrap()
+        );
+        assert!(err(&two).contains("pipelines[1].name: `http` is used by another pipeline"), "{}", err(&two));
+    }
+
+    #[test]
+    fn example_configs_in_deploy_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/examples");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n > 0, "no example config in {}", dir.display());
+    }
+}

@@ -1,0 +1,296 @@
+//! The pipeline's stages, joined by bounded channels:
+//!
+//! ```text
+//! source ─┬─> archive ──────────────────────────────> (ack part 1)
+//!         └─> decode ─┬─> insert (BigQuery) ─┬──────> (ack part 2)
+//!                     │                      └─ invalid rows ─┐
+//!                     └─ undecodable ──────────> dead letter ─┴> (ack part 2)
+//! ```
+//!
+//! Each stage completes an envelope's ack part only once its output is durable; on failure it
+//! drops the envelope, which nacks the message (Pub/Sub redelivers it). A permanent error
+//! (missing bucket or table, denied permission) ends the stage with an error, which stops the
+//! pipeline. Stages end by themselves when their input closes, after flushing what they hold.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use logflow_bigquery::BigQuery;
+use logflow_core::batch::next_batch;
+use logflow_core::{BatchLimits, Classify, Envelope, ErrorClass, Record, Stats};
+use logflow_gcs::deadletter::Failure;
+use logflow_gcs::{Gcs, ObjectNamer, archive, deadletter};
+use logflow_schema::{RowEncoder, RowMeta};
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+/// A message that goes to the dead-letter path, with the reason.
+#[derive(Debug)]
+pub struct DeadItem {
+    /// The message and its ack part.
+    pub env: Envelope,
+    /// Why.
+    pub failure: Failure,
+}
+
+/// Decoded rows ready for one insertAll call: row `i` is `buf[ends[i-1]..ends[i]]`.
+#[derive(Debug, Default)]
+pub struct RowBatch {
+    envs: Vec<Envelope>,
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+/// Where a GCS output writes.
+#[derive(Debug)]
+pub struct GcsOutput {
+    /// The client.
+    pub gcs: Gcs,
+    /// Bucket.
+    pub bucket: String,
+    /// Object names.
+    pub namer: ObjectNamer,
+    /// Flush limits.
+    pub limits: BatchLimits,
+}
+
+/// Everything the stages of one pipeline share.
+#[derive(Debug)]
+pub struct StageContext {
+    /// Pipeline name (logs).
+    pub pipeline: String,
+    /// Full subscription name (rows, files).
+    pub subscription: Arc<str>,
+    /// The payloads' row encoder.
+    pub encoder: Arc<RowEncoder>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+}
+
+/// Splits a batch into runs of one publish hour each (objects are partitioned by hour).
+/// A batch within one hour, the common case, is returned as is.
+fn split_by_hour<T>(items: Vec<T>, micros: impl Fn(&T) -> i64) -> Vec<Vec<T>> {
+    const HOUR: i64 = 3_600_000_000;
+    let hour = |t: &T| micros(t).div_euclid(HOUR);
+    let Some(first) = items.first().map(&hour) else { return Vec::new() };
+    if items.iter().all(|t| hour(t) == first) {
+        return vec![items];
+    }
+    let mut groups: std::collections::BTreeMap<i64, Vec<T>> = std::collections::BTreeMap::new();
+    for t in items {
+        groups.entry(hour(&t)).or_default().push(t);
+    }
+    groups.into_values().collect()
+}
+
+/// What to do after a failed write: permanent errors stop the stage; transient ones (retries
+/// exhausted) drop the batch, whose messages are then redelivered.
+fn on_write_error<E: Classify + std::fmt::Display>(ctx: &StageContext, what: &str, n: usize, e: E) -> anyhow::Result<()> {
+    if e.class() == ErrorClass::Transient {
+        warn!(pipeline = %ctx.pipeline, messages = n, error = %e, "{what} failed after retries; messages will be redelivered");
+        Ok(())
+    } else {
+        error!(pipeline = %ctx.pipeline, messages = n, error = %e, "{what} failed permanently; stopping the pipeline");
+        Err(anyhow::anyhow!("{what}: {e}"))
+    }
+}
+
+/// Archives every message, one Parquet object per batch.
+pub async fn archive_stage(ctx: Arc<StageContext>, out: GcsOutput, mut rx: mpsc::Receiver<Envelope>) -> anyhow::Result<()> {
+    while let Some(batch) = next_batch(&mut rx, &out.limits, |e: &Envelope| e.record.size()).await {
+        for group in split_by_hour(batch, |e| e.record.publish_time_micros) {
+            let n = group.len();
+            let first = group.iter().map(|e| e.record.publish_time_micros).min().unwrap_or(0);
+            let name = out.namer.next(first, archive::EXTENSION);
+            let records: Vec<Arc<Record>> = group.iter().map(|e| Arc::clone(&e.record)).collect();
+            let sub = Arc::clone(&ctx.subscription);
+            let file = tokio::task::spawn_blocking(move || archive::encode(records.iter().map(|r| &**r), &sub)).await??;
+            match out.gcs.put_new(&out.bucket, &name, file, archive::CONTENT_TYPE, &ctx.stats).await {
+                Ok(()) => {
+                    ctx.stats.add(&ctx.stats.archived, n as u64);
+                    group.into_iter().for_each(|e| e.ack.complete());
+                }
+                Err(e) => on_write_error(&ctx, "raw archive write", n, e)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decodes payloads into insertAll rows; undecodable ones go to the dead-letter stage.
+pub async fn decode_stage(
+    ctx: Arc<StageContext>,
+    limits: BatchLimits,
+    mut rx: mpsc::Receiver<Envelope>,
+    insert_tx: mpsc::Sender<RowBatch>,
+    dead_tx: mpsc::Sender<DeadItem>,
+) -> anyhow::Result<()> {
+    // Rows are about twice the payload size in JSON; insert_all splits on the real size.
+    let estimate = |e: &Envelope| e.record.data.len() * 2 + 256;
+    while let Some(batch) = next_batch(&mut rx, &limits, estimate).await {
+        let c = Arc::clone(&ctx);
+        let (rows, dead) = tokio::task::spawn_blocking(move || encode_rows(&c, batch)).await?;
+        ctx.stats.add(&ctx.stats.decoded, rows.envs.len() as u64);
+        if !rows.envs.is_empty() && insert_tx.send(rows).await.is_err() {
+            anyhow::bail!("the insert stage stopped");
+        }
+        for d in dead {
+            if dead_tx.send(d).await.is_err() {
+                anyhow::bail!("the dead-letter stage stopped");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (RowBatch, Vec<DeadItem>) {
+    let now = logflow_core::time::now_micros();
+    let payload: usize = batch.iter().map(|e| e.record.data.len()).sum();
+    let mut rows = RowBatch {
+        envs: Vec::with_capacity(batch.len()),
+        buf: Vec::with_capacity(payload * 2 + batch.len() * 256),
+        ends: Vec::with_capacity(batch.len()),
+    };
+    let mut dead = Vec::new();
+    for env in batch {
+        let r = &env.record;
+        let meta = RowMeta {
+            message_id: &r.message_id,
+            publish_time_micros: r.publish_time_micros,
+            attributes: &r.attributes,
+            subscription: &ctx.subscription,
+            ingest_time_micros: now,
+        };
+        match ctx.encoder.encode(&meta, &r.data, &mut rows.buf) {
+            Ok(()) => {
+                rows.ends.push(rows.buf.len());
+                rows.envs.push(env);
+            }
+            Err(e) => dead.push(DeadItem {
+                env,
+                failure: Failure {
+                    error_class: e.kind.as_str(),
+                    error_message: e.message,
+                    message_type: ctx.encoder.descriptor().full_name().to_string(),
+                },
+            }),
+        }
+    }
+    (rows, dead)
+}
+
+/// Inserts row batches into BigQuery, `concurrency` requests at a time.
+pub async fn insert_stage(
+    ctx: Arc<StageContext>,
+    bq: BigQuery,
+    dataset: String,
+    table: String,
+    concurrency: usize,
+    mut rx: mpsc::Receiver<RowBatch>,
+    dead_tx: mpsc::Sender<DeadItem>,
+) -> anyhow::Result<()> {
+    let mut inflight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some(r) = inflight.next(), if !inflight.is_empty() => r?,
+            b = rx.recv(), if inflight.len() < concurrency => match b {
+                Some(b) => inflight.push(insert_batch(&ctx, &bq, &dataset, &table, b, &dead_tx)),
+                None => break,
+            },
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+async fn insert_batch(
+    ctx: &StageContext,
+    bq: &BigQuery,
+    dataset: &str,
+    table: &str,
+    batch: RowBatch,
+    dead_tx: &mpsc::Sender<DeadItem>,
+) -> anyhow::Result<()> {
+    let mut start = 0;
+    let rows: Vec<(&str, &[u8])> = batch
+        .envs
+        .iter()
+        .zip(&batch.ends)
+        .map(|(e, &end)| {
+            let row = &batch.buf[start..end];
+            start = end;
+            (e.record.message_id.as_str(), row)
+        })
+        .collect();
+    let result = bq.insert_all(dataset, table, &rows, &ctx.stats).await;
+    drop(rows);
+    let outcome = match result {
+        Ok(o) => o,
+        Err(e) => return on_write_error(ctx, "bigquery insert", batch.envs.len(), e),
+    };
+    let mut rejected = outcome.rejected.into_iter().peekable();
+    let mut accepted = 0;
+    for (i, env) in batch.envs.into_iter().enumerate() {
+        match rejected.next_if(|r| r.index == i) {
+            None => {
+                accepted += 1;
+                env.ack.complete();
+            }
+            Some(r) => {
+                let failure = Failure {
+                    error_class: "bigquery_invalid",
+                    error_message: format!("{}: {}", r.reason, r.message),
+                    message_type: ctx.encoder.descriptor().full_name().to_string(),
+                };
+                if dead_tx.send(DeadItem { env, failure }).await.is_err() {
+                    anyhow::bail!("the dead-letter stage stopped");
+                }
+            }
+        }
+    }
+    ctx.stats.add(&ctx.stats.inserted, accepted);
+    Ok(())
+}
+
+/// Writes failed messages to the dead-letter path, one JSON Lines object per batch.
+pub async fn dead_letter_stage(ctx: Arc<StageContext>, out: GcsOutput, mut rx: mpsc::Receiver<DeadItem>) -> anyhow::Result<()> {
+    while let Some(batch) = next_batch(&mut rx, &out.limits, |d: &DeadItem| d.env.record.size() * 2).await {
+        for group in split_by_hour(batch, |d| d.env.record.publish_time_micros) {
+            let n = group.len();
+            let first = group.iter().map(|d| d.env.record.publish_time_micros).min().unwrap_or(0);
+            let name = out.namer.next(first, deadletter::EXTENSION);
+            let items: Vec<(Arc<Record>, Failure)> =
+                group.iter().map(|d| (Arc::clone(&d.env.record), d.failure.clone())).collect();
+            let sub = Arc::clone(&ctx.subscription);
+            let file = tokio::task::spawn_blocking(move || {
+                deadletter::encode(items.iter().map(|(r, f)| (&**r, f)), &sub, logflow_core::time::now_micros())
+            })
+            .await??;
+            match out.gcs.put_new(&out.bucket, &name, file, deadletter::CONTENT_TYPE, &ctx.stats).await {
+                Ok(()) => {
+                    ctx.stats.add(&ctx.stats.dead_lettered, n as u64);
+                    group.into_iter().for_each(|d| d.env.ack.complete());
+                }
+                Err(e) => on_write_error(&ctx, "dead-letter write", n, e)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_by_hour_keeps_single_hour_batches_whole() {
+        let h = 3_600_000_000i64;
+        assert_eq!(split_by_hour(vec![1, 2, 3], |x| *x), vec![vec![1, 2, 3]]);
+        let got = split_by_hour(vec![h + 1, 5, h + 2, 6], |x| *x);
+        assert_eq!(got, vec![vec![5, 6], vec![h + 1, h + 2]]);
+        assert!(split_by_hour(Vec::<i64>::new(), |x| *x).is_empty());
+    }
+}

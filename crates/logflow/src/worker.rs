@@ -1,0 +1,256 @@
+//! Wires configuration, clients and pipelines together, and runs them until shutdown.
+//!
+//! Start-up fails fast, naming the config field, when a message type is unknown, a schema
+//! cannot map to BigQuery, a dataset or bucket is missing, or credentials cannot be found:
+//! nothing is pulled before every destination is known to exist.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use logflow_bigquery::{BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES};
+use logflow_core::{NoAuth, Stats, TokenProvider};
+use logflow_gcs::{Gcs, GcsOptions, ObjectNamer};
+use logflow_pubsub::{PubsubSource, SourceOptions};
+use logflow_schema::{Registry, RowEncoder, table_schema};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::auth::AdcTokens;
+use crate::config::{Config, PipelineConfig};
+use crate::endpoints::Endpoints;
+use crate::stages::{self, GcsOutput, StageContext};
+
+/// Envelopes buffered between the source and each branch. Small: the real bound on memory is
+/// flow control; this only decouples the branches' batch flushes from each other.
+const BRANCH_CHANNEL: usize = 1024;
+/// Row batches waiting for an insert slot.
+const INSERT_CHANNEL: usize = 4;
+/// Failed messages waiting for the dead-letter writer.
+const DEAD_CHANNEL: usize = 1024;
+
+/// Loads every schema source of the config.
+pub fn load_registry(cfg: &Config) -> anyhow::Result<Registry> {
+    let s = &cfg.schemas;
+    if !s.descriptor_sets.is_empty() && !s.proto_dirs.is_empty() {
+        anyhow::bail!("schemas: give proto_dirs or descriptor_sets, not both (merging is not supported yet)");
+    }
+    if let [one] = s.descriptor_sets.as_slice() {
+        return Ok(Registry::from_descriptor_set_file(one)?);
+    }
+    if s.descriptor_sets.len() > 1 {
+        anyhow::bail!("schemas.descriptor_sets: give one file (merge sets with protoc --include_imports)");
+    }
+    Ok(Registry::from_proto_dirs(&s.proto_dirs)?)
+}
+
+/// Checks the config offline: parses it, compiles the schemas and maps every message type.
+pub fn check_config(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    let registry = load_registry(cfg)?;
+    let mut lines = Vec::new();
+    for (i, p) in cfg.pipelines.iter().enumerate() {
+        let md = registry.message(&p.message_type).with_context(|| format!("pipelines[{i}].message_type"))?;
+        let schema = table_schema(&md).with_context(|| format!("pipelines[{i}].message_type"))?;
+        let columns = schema["fields"].as_array().map_or(0, Vec::len);
+        lines.push(format!(
+            "pipeline {}: {} -> {}.{} ({columns} top-level columns), archive gs://{}/{}, dead letters gs://{}/{}",
+            p.name, p.message_type, p.bigquery.dataset, p.bigquery.table, p.archive.bucket, p.archive.prefix,
+            p.dead_letter.bucket, p.dead_letter.prefix
+        ));
+    }
+    Ok(lines)
+}
+
+/// A unique identity for this process: `LOGFLOW_WORKER_ID`, else the pod/host name, plus a
+/// random suffix so that a restarted pod never reuses an object name.
+pub fn worker_id() -> String {
+    let base = std::env::var("LOGFLOW_WORKER_ID")
+        .or_else(|_| std::env::var("POD_NAME"))
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "logflow".to_string());
+    let base: String = base.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(48).collect();
+    format!("{base}-{:08x}", rand::random::<u32>())
+}
+
+/// The clients of one worker process.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// GCS.
+    pub gcs: Gcs,
+    /// BigQuery.
+    pub bq: BigQuery,
+    /// Pub/Sub subscriber.
+    pub subscriber: google_cloud_pubsub::client::Subscriber,
+}
+
+impl Clients {
+    /// Connects to the emulators named in `endpoints`, and to Google with ADC for the rest.
+    pub async fn connect(cfg: &Config, endpoints: &Endpoints) -> anyhow::Result<Clients> {
+        let adc = || -> anyhow::Result<Arc<dyn TokenProvider>> {
+            Ok(Arc::new(AdcTokens::new().map_err(|e| anyhow::anyhow!("{e}: run `gcloud auth application-default login` locally, or use Workload Identity on GKE"))?))
+        };
+        let gcs_tokens: Arc<dyn TokenProvider> = if endpoints.storage.is_some() { Arc::new(NoAuth) } else { adc()? };
+        let bq_tokens: Arc<dyn TokenProvider> = if endpoints.bigquery.is_some() { Arc::new(NoAuth) } else { adc()? };
+        let gcs = Gcs::new(GcsOptions { emulator_endpoint: endpoints.storage.clone(), retry: cfg.retry, tokens: gcs_tokens }).await?;
+        let bq = BigQuery::new(BigQueryOptions {
+            emulator_endpoint: endpoints.bigquery.clone(),
+            project: cfg.project.clone(),
+            retry: cfg.retry,
+            tokens: bq_tokens,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        })
+        .await?;
+        let subscriber = logflow_pubsub::connect(endpoints.pubsub.as_deref()).await?;
+        Ok(Clients { gcs, bq, subscriber })
+    }
+}
+
+/// A started worker.
+#[derive(Debug)]
+pub struct RunningWorker {
+    /// Counters per pipeline, by name.
+    pub stats: Vec<(String, Arc<Stats>)>,
+    /// Resolves when every pipeline has stopped; the first pipeline error, if any.
+    pub done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Prepares every pipeline (schemas, tables, buckets), then starts them. Returns once they run.
+pub async fn start(cfg: Config, clients: Clients, shutdown: CancellationToken) -> anyhow::Result<RunningWorker> {
+    let registry = load_registry(&cfg)?;
+    let worker = worker_id();
+    let mut prepared = Vec::new();
+    for (i, p) in cfg.pipelines.iter().enumerate() {
+        prepared.push(prepare(&cfg, i, p, &registry, &clients).await?);
+    }
+    let stats = prepared.iter().map(|(ctx, ..)| (ctx.pipeline.clone(), Arc::clone(&ctx.stats))).collect();
+    let mut set = JoinSet::new();
+    for (ctx, p) in prepared {
+        let source = PubsubSource::new(
+            clients.subscriber.clone(),
+            SourceOptions {
+                subscription: ctx.subscription.to_string(),
+                max_outstanding_messages: p.flow_control.max_outstanding_messages,
+                max_outstanding_bytes: p.flow_control.max_outstanding_bytes,
+                lease_extension: p.flow_control.lease_extension,
+                max_lease: p.flow_control.max_lease,
+            },
+        );
+        let token = shutdown.clone();
+        let clients = clients.clone();
+        let worker = worker.clone();
+        set.spawn(async move { run_pipeline(ctx, p, source, clients, &worker, token).await });
+    }
+    info!(worker = %worker, pipelines = set.len(), "worker started");
+    let done = tokio::spawn(async move {
+        let mut first: Option<anyhow::Error> = None;
+        while let Some(r) = set.join_next().await {
+            let r = r.map_err(|e| anyhow::anyhow!("pipeline task failed: {e}")).and_then(|r| r);
+            if let Err(e) = r {
+                error!(error = %format!("{e:#}"), "pipeline stopped with an error");
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    });
+    Ok(RunningWorker { stats, done })
+}
+
+async fn prepare(
+    cfg: &Config,
+    i: usize,
+    p: &PipelineConfig,
+    registry: &Registry,
+    clients: &Clients,
+) -> anyhow::Result<(Arc<StageContext>, PipelineConfig)> {
+    let at = format!("pipelines[{i}] ({})", p.name);
+    let md = registry.message(&p.message_type).with_context(|| format!("{at}.message_type"))?;
+    let encoder = RowEncoder::new(md.clone()).with_context(|| format!("{at}.message_type"))?;
+    let schema = table_schema(&md)?;
+    clients
+        .bq
+        .ensure_table(&p.bigquery.dataset, &p.bigquery.table, schema)
+        .await
+        .with_context(|| {
+            format!(
+                "{at}.bigquery: cannot use table {}.{}.{} (the dataset must exist: `bq mk --dataset {}:{}`)",
+                cfg.project, p.bigquery.dataset, p.bigquery.table, cfg.project, p.bigquery.dataset
+            )
+        })?;
+    for (field, bucket) in [("archive.bucket", &p.archive.bucket), ("dead_letter.bucket", &p.dead_letter.bucket)] {
+        clients
+            .gcs
+            .check_bucket(bucket)
+            .await
+            .with_context(|| format!("{at}.{field}: bucket `{bucket}` is not usable (create it, and grant the worker roles/storage.objectCreator)"))?;
+    }
+    let ctx = StageContext {
+        pipeline: p.name.clone(),
+        subscription: Arc::from(p.subscription_path(&cfg.project)),
+        encoder: Arc::new(encoder),
+        stats: Arc::new(Stats::default()),
+    };
+    Ok((Arc::new(ctx), p.clone()))
+}
+
+/// Runs one pipeline until shutdown or a permanent error.
+async fn run_pipeline(
+    ctx: Arc<StageContext>,
+    p: PipelineConfig,
+    source: PubsubSource,
+    clients: Clients,
+    worker: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let token = shutdown.child_token();
+    let (archive_tx, archive_rx) = mpsc::channel(BRANCH_CHANNEL);
+    let (decode_tx, decode_rx) = mpsc::channel(BRANCH_CHANNEL);
+    let (insert_tx, insert_rx) = mpsc::channel(INSERT_CHANNEL);
+    let (dead_tx, dead_rx) = mpsc::channel(DEAD_CHANNEL);
+    let sub = ctx.subscription.to_string();
+    let mut set: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    set.spawn(stages::archive_stage(
+        Arc::clone(&ctx),
+        GcsOutput {
+            gcs: clients.gcs.clone(),
+            bucket: p.archive.bucket.clone(),
+            namer: ObjectNamer::new(&p.archive.prefix, &sub, worker),
+            limits: p.archive.batch,
+        },
+        archive_rx,
+    ));
+    set.spawn(stages::decode_stage(Arc::clone(&ctx), p.bigquery.batch, decode_rx, insert_tx, dead_tx.clone()));
+    set.spawn(stages::insert_stage(
+        Arc::clone(&ctx),
+        clients.bq.clone(),
+        p.bigquery.dataset.clone(),
+        p.bigquery.table.clone(),
+        p.bigquery.concurrency,
+        insert_rx,
+        dead_tx,
+    ));
+    set.spawn(stages::dead_letter_stage(
+        Arc::clone(&ctx),
+        GcsOutput {
+            gcs: clients.gcs.clone(),
+            bucket: p.dead_letter.bucket.clone(),
+            namer: ObjectNamer::new(&p.dead_letter.prefix, &sub, worker),
+            limits: p.dead_letter.batch,
+        },
+        dead_rx,
+    ));
+    let stats = Arc::clone(&ctx.stats);
+    let source_token = token.clone();
+    set.spawn(async move { Ok(source.run([archive_tx, decode_tx], stats, source_token).await?) });
+    let mut first: Option<anyhow::Error> = None;
+    while let Some(r) = set.join_next().await {
+        let r = r.map_err(|e| anyhow::anyhow!("stage task failed: {e}")).and_then(|r| r);
+        if let Err(e) = r {
+            // Stop pulling; the other stages drain what they hold.
+            token.cancel();
+            first.get_or_insert(e.context(format!("pipeline {}", ctx.pipeline)));
+        }
+    }
+    info!(pipeline = %ctx.pipeline, stats = ?ctx.stats.snapshot(), "pipeline stopped");
+    first.map_or(Ok(()), Err)
+}
