@@ -15,3 +15,10 @@ pub mod publish;
 pub mod samples;
 pub mod stages;
 pub mod worker;
+
+/// Installs the process-wide TLS crypto provider (the Google crates are built without one).
+/// Idempotent; call it before building any client.
+pub fn install_crypto_provider() {
+    // An error only means a provider is installed already.
+    let _already = rustls::crypto::ring::default_provider().install_default();
+}

@@ -77,10 +77,7 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     init_tracing();
-    // One TLS provider for every client (the Google crates are built without a default one).
-    if rustls::crypto::ring::default_provider().install_default().is_err() {
-        warn!("a rustls crypto provider was already installed");
-    }
+    logflow::install_crypto_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
