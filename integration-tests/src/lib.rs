@@ -26,36 +26,71 @@ impl Emulators {
         logflow::install_crypto_provider();
         let endpoints = Endpoints::from_env();
         assert!(
-            endpoints.pubsub.is_some() && endpoints.storage.is_some() && endpoints.bigquery.is_some(),
+            endpoints.pubsub.is_some()
+                && endpoints.storage.is_some()
+                && endpoints.bigquery.is_some(),
             "PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST and BIGQUERY_EMULATOR_HOST must be set: \
              run these tests with `make test`, which starts the emulators"
         );
-        let project = std::env::var("LOGFLOW_PROJECT").unwrap_or_else(|_| "test-project".to_string());
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
-        Emulators { endpoints, project, http }
+        let project =
+            std::env::var("LOGFLOW_PROJECT").unwrap_or_else(|_| "test-project".to_string());
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("http client");
+        Emulators {
+            endpoints,
+            project,
+            http,
+        }
     }
 
     fn pubsub(&self) -> String {
-        format!("{}/v1/projects/{}", self.endpoints.pubsub.as_deref().unwrap_or_default(), self.project)
+        format!(
+            "{}/v1/projects/{}",
+            self.endpoints.pubsub.as_deref().unwrap_or_default(),
+            self.project
+        )
     }
 
-    async fn call(&self, req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<serde_json::Value> {
+    async fn call(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<serde_json::Value> {
         let resp = req.send().await.with_context(|| what.to_string())?;
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {
             bail!("{what}: HTTP {status}: {text}");
         }
-        Ok(if text.trim().is_empty() { json!({}) } else { serde_json::from_str(&text)? })
+        Ok(if text.trim().is_empty() {
+            json!({})
+        } else {
+            serde_json::from_str(&text)?
+        })
     }
 
     /// Creates a topic and a subscription on it (10 s ack deadline); returns the topic path.
-    pub async fn topic_and_subscription(&self, topic: &str, subscription: &str) -> anyhow::Result<String> {
+    pub async fn topic_and_subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> anyhow::Result<String> {
         let base = self.pubsub();
-        self.call(self.http.put(format!("{base}/topics/{topic}")), "create topic").await?;
+        self.call(
+            self.http.put(format!("{base}/topics/{topic}")),
+            "create topic",
+        )
+        .await?;
         let body = json!({"topic": format!("projects/{}/topics/{topic}", self.project), "ackDeadlineSeconds": 10});
-        self.call(self.http.put(format!("{base}/subscriptions/{subscription}")).json(&body), "create subscription")
-            .await?;
+        self.call(
+            self.http
+                .put(format!("{base}/subscriptions/{subscription}"))
+                .json(&body),
+            "create subscription",
+        )
+        .await?;
         Ok(format!("projects/{}/topics/{topic}", self.project))
     }
 
@@ -63,15 +98,29 @@ impl Emulators {
     pub async fn pullable(&self, subscription: &str) -> anyhow::Result<usize> {
         let url = format!("{}/subscriptions/{subscription}:pull", self.pubsub());
         let v = self
-            .call(self.http.post(url).json(&json!({"maxMessages": 1000, "returnImmediately": true})), "pull")
+            .call(
+                self.http
+                    .post(url)
+                    .json(&json!({"maxMessages": 1000, "returnImmediately": true})),
+                "pull",
+            )
             .await?;
         Ok(v["receivedMessages"].as_array().map_or(0, Vec::len))
     }
 
     /// Creates a bucket.
     pub async fn bucket(&self, name: &str) -> anyhow::Result<()> {
-        let url = format!("{}/storage/v1/b?project={}", self.endpoints.storage.as_deref().unwrap_or_default(), self.project);
-        self.call(self.http.post(url).json(&json!({"name": name})), "create bucket").await.map(|_| ())
+        let url = format!(
+            "{}/storage/v1/b?project={}",
+            self.endpoints.storage.as_deref().unwrap_or_default(),
+            self.project
+        );
+        self.call(
+            self.http.post(url).json(&json!({"name": name})),
+            "create bucket",
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Creates a dataset.
@@ -82,11 +131,18 @@ impl Emulators {
             self.project
         );
         let body = json!({"datasetReference": {"projectId": self.project, "datasetId": name}});
-        self.call(self.http.post(url).json(&body), "create dataset").await.map(|_| ())
+        self.call(self.http.post(url).json(&body), "create dataset")
+            .await
+            .map(|_| ())
     }
 
     /// Creates a table with an explicit schema (`{"fields": [...]}`).
-    pub async fn table(&self, dataset: &str, table: &str, schema: serde_json::Value) -> anyhow::Result<()> {
+    pub async fn table(
+        &self,
+        dataset: &str,
+        table: &str,
+        schema: serde_json::Value,
+    ) -> anyhow::Result<()> {
         let url = format!(
             "{}/bigquery/v2/projects/{}/datasets/{dataset}/tables",
             self.endpoints.bigquery.as_deref().unwrap_or_default(),
@@ -96,7 +152,9 @@ impl Emulators {
             "tableReference": {"projectId": self.project, "datasetId": dataset, "tableId": table},
             "schema": schema,
         });
-        self.call(self.http.post(url).json(&body), "create table").await.map(|_| ())
+        self.call(self.http.post(url).json(&body), "create table")
+            .await
+            .map(|_| ())
     }
 }
 
@@ -107,5 +165,8 @@ pub fn unique(prefix: &str) -> String {
 
 /// The repository's `schemas/` directory.
 pub fn schemas_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../schemas").canonicalize().expect("schemas dir")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../schemas")
+        .canonicalize()
+        .expect("schemas dir")
 }

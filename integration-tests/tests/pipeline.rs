@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use logflow::config::Config;
+use logflow::publish;
 use logflow::samples::{Sample, SampleGen};
 use logflow::worker::{self, Clients};
-use logflow::publish;
 use logflow_gcs::{archive, deadletter};
 use logflow_integration_tests::{Emulators, schemas_dir, unique};
 use prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
@@ -49,22 +49,43 @@ fn load_config(yaml: &str) -> Config {
     Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }
 
-async fn publish_samples(emu: &Emulators, topic: &str, message_type: &str, n: usize, seed: u64) -> HashMap<String, Sample> {
+async fn publish_samples(
+    emu: &Emulators,
+    topic: &str,
+    message_type: &str,
+    n: usize,
+    seed: u64,
+) -> HashMap<String, Sample> {
     let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
     let md = registry.message(message_type).unwrap();
     let now = logflow_core::time::now_micros() / 1_000_000;
     let samples = SampleGen::new(seed, now).samples(&md, n, 0.1);
-    assert!(samples.iter().any(|s| s.malformed.is_some()) && samples.iter().any(|s| s.malformed.is_none()));
-    let publisher = publish::publisher(topic, emu.endpoints.pubsub.as_deref()).await.unwrap();
-    let items = samples.iter().map(|s| (s.payload.clone(), vec![("source".to_string(), "it".to_string())]));
+    assert!(
+        samples.iter().any(|s| s.malformed.is_some())
+            && samples.iter().any(|s| s.malformed.is_none())
+    );
+    let publisher = publish::publisher(topic, emu.endpoints.pubsub.as_deref())
+        .await
+        .unwrap();
+    let items = samples.iter().map(|s| {
+        (
+            s.payload.clone(),
+            vec![("source".to_string(), "it".to_string())],
+        )
+    });
     let ids = publish::publish_all(&publisher, items).await.unwrap();
     ids.into_iter().zip(samples).collect()
 }
 
 /// The named field of a message, following a `a.b` path; `None` when unset along the way.
 fn field<'a>(m: &'a DynamicMessage, path: &str) -> Option<std::borrow::Cow<'a, Value>> {
-    let (head, rest) = path.split_once('.').map_or((path, None), |(h, r)| (h, Some(r)));
-    let fd = m.descriptor().get_field_by_name(head).expect("field exists");
+    let (head, rest) = path
+        .split_once('.')
+        .map_or((path, None), |(h, r)| (h, Some(r)));
+    let fd = m
+        .descriptor()
+        .get_field_by_name(head)
+        .expect("field exists");
     if fd.supports_presence() && !m.has_field(&fd) {
         return None;
     }
@@ -90,7 +111,9 @@ fn expected_cell(m: &DynamicMessage, path: &str) -> Option<String> {
     };
     let fd = owner.get_field_by_name(leaf).unwrap();
     Some(match (&*v, fd.kind()) {
-        (Value::EnumNumber(n), Kind::Enum(e)) => e.get_value(*n).map_or(n.to_string(), |ev| ev.name().to_string()),
+        (Value::EnumNumber(n), Kind::Enum(e)) => e
+            .get_value(*n)
+            .map_or(n.to_string(), |ev| ev.name().to_string()),
         (Value::String(s), _) => s.clone(),
         (Value::I32(n), _) => n.to_string(),
         (Value::I64(n), _) => n.to_string(),
@@ -110,14 +133,37 @@ fn cell_str(v: &Option<serde_json::Value>) -> Option<String> {
 }
 
 /// Checks every guarantee for one stream after the worker has stopped.
-async fn verify(emu: &Emulators, clients: &Clients, raw: &str, dlq: &str, dataset: &str, s: &Stream, columns: &[&str]) {
+async fn verify(
+    emu: &Emulators,
+    clients: &Clients,
+    raw: &str,
+    dlq: &str,
+    dataset: &str,
+    s: &Stream,
+    columns: &[&str],
+) {
     let short = &s.subscription;
-    let valid: BTreeSet<&str> = s.published.iter().filter(|(_, x)| x.malformed.is_none()).map(|(id, _)| id.as_str()).collect();
-    let malformed: BTreeSet<&str> = s.published.iter().filter(|(_, x)| x.malformed.is_some()).map(|(id, _)| id.as_str()).collect();
+    let valid: BTreeSet<&str> = s
+        .published
+        .iter()
+        .filter(|(_, x)| x.malformed.is_none())
+        .map(|(id, _)| id.as_str())
+        .collect();
+    let malformed: BTreeSet<&str> = s
+        .published
+        .iter()
+        .filter(|(_, x)| x.malformed.is_some())
+        .map(|(id, _)| id.as_str())
+        .collect();
 
     // 1. Every message is in the raw archive, with its exact bytes and attributes.
     let mut archived: HashMap<String, archive::ArchivedMessage> = HashMap::new();
-    for obj in clients.gcs.list(raw, &format!("raw/{short}/dt=")).await.unwrap() {
+    for obj in clients
+        .gcs
+        .list(raw, &format!("raw/{short}/dt="))
+        .await
+        .unwrap()
+    {
         assert!(obj.name.ends_with(".parquet"), "{}", obj.name);
         for m in archive::decode(clients.gcs.get(raw, &obj.name).await.unwrap()).unwrap() {
             archived.insert(m.record.message_id.clone(), m);
@@ -125,10 +171,19 @@ async fn verify(emu: &Emulators, clients: &Clients, raw: &str, dlq: &str, datase
     }
     let all: BTreeSet<&str> = s.published.keys().map(String::as_str).collect();
     let got: BTreeSet<&str> = archived.keys().map(String::as_str).collect();
-    assert_eq!(got, all, "{}: archive ids differ from published ids", s.pipeline);
+    assert_eq!(
+        got, all,
+        "{}: archive ids differ from published ids",
+        s.pipeline
+    );
     for (id, sample) in &s.published {
         let m = &archived[id];
-        assert_eq!(&m.record.data[..], &sample.payload[..], "{}: archived bytes of {id}", s.pipeline);
+        assert_eq!(
+            &m.record.data[..],
+            &sample.payload[..],
+            "{}: archived bytes of {id}",
+            s.pipeline
+        );
         assert_eq!(m.record.attribute("source"), Some("it"));
         assert!(m.subscription.ends_with(short));
         assert!(m.record.publish_time_micros > 0);
@@ -136,41 +191,83 @@ async fn verify(emu: &Emulators, clients: &Clients, raw: &str, dlq: &str, datase
 
     // 2. Every valid message is one BigQuery row with the values that were published.
     let select = columns.join(", ");
-    let rows = clients.bq.query(&format!("SELECT _message_id, _message_type, {select} FROM {dataset}.{}", s.table)).await.unwrap();
+    let rows = clients
+        .bq
+        .query(&format!(
+            "SELECT _message_id, _message_type, {select} FROM {dataset}.{}",
+            s.table
+        ))
+        .await
+        .unwrap();
     let mut by_id: BTreeMap<String, Vec<Option<serde_json::Value>>> = BTreeMap::new();
     for r in rows {
         let id = cell_str(&r[0]).expect("_message_id is set");
-        assert!(by_id.insert(id.clone(), r).is_none(), "{}: duplicate row for {id}", s.pipeline);
+        assert!(
+            by_id.insert(id.clone(), r).is_none(),
+            "{}: duplicate row for {id}",
+            s.pipeline
+        );
     }
     let row_ids: BTreeSet<&str> = by_id.keys().map(String::as_str).collect();
-    assert_eq!(row_ids, valid, "{}: BigQuery ids differ from the valid published ids", s.pipeline);
+    assert_eq!(
+        row_ids, valid,
+        "{}: BigQuery ids differ from the valid published ids",
+        s.pipeline
+    );
     for (id, row) in &by_id {
         let msg = s.published[id].message.as_ref().unwrap();
         assert_eq!(cell_str(&row[1]).as_deref(), Some(s.message_type.as_str()));
         for (i, col) in columns.iter().enumerate() {
-            assert_eq!(cell_str(&row[i + 2]), expected_cell(msg, col), "{}: row {id} column {col}", s.pipeline);
+            assert_eq!(
+                cell_str(&row[i + 2]),
+                expected_cell(msg, col),
+                "{}: row {id} column {col}",
+                s.pipeline
+            );
         }
     }
 
     // 3. Every malformed message is in the dead-letter path with its bytes and a reason.
     let mut dead: HashMap<String, deadletter::DeadLetterLine> = HashMap::new();
-    for obj in clients.gcs.list(dlq, &format!("dlq/{short}/dt=")).await.unwrap() {
+    for obj in clients
+        .gcs
+        .list(dlq, &format!("dlq/{short}/dt="))
+        .await
+        .unwrap()
+    {
         for line in deadletter::decode(&clients.gcs.get(dlq, &obj.name).await.unwrap()).unwrap() {
             dead.insert(line.message_id.clone(), line);
         }
     }
     let dead_ids: BTreeSet<&str> = dead.keys().map(String::as_str).collect();
-    assert_eq!(dead_ids, malformed, "{}: dead-letter ids differ from the malformed ids", s.pipeline);
+    assert_eq!(
+        dead_ids, malformed,
+        "{}: dead-letter ids differ from the malformed ids",
+        s.pipeline
+    );
     for (id, line) in &dead {
-        assert_eq!(line.payload().unwrap(), s.published[id].payload, "{}: dead-letter bytes of {id}", s.pipeline);
+        assert_eq!(
+            line.payload().unwrap(),
+            s.published[id].payload,
+            "{}: dead-letter bytes of {id}",
+            s.pipeline
+        );
         assert_eq!(line.error_class, "invalid_protobuf");
         assert!(!line.error_message.is_empty());
         assert_eq!(line.message_type, s.message_type);
-        assert_eq!(line.attributes.get("source").map(String::as_str), Some("it"));
+        assert_eq!(
+            line.attributes.get("source").map(String::as_str),
+            Some("it")
+        );
     }
 
     // 4. Nothing is left for redelivery.
-    assert_eq!(emu.pullable(short).await.unwrap(), 0, "{}: messages left unacked", s.pipeline);
+    assert_eq!(
+        emu.pullable(short).await.unwrap(),
+        0,
+        "{}: messages left unacked",
+        s.pipeline
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,38 +278,106 @@ async fn every_message_is_archived_and_inserted_or_dead_lettered() {
     emu.bucket(&dlq).await.unwrap();
     emu.dataset(&dataset).await.unwrap();
     let mut streams = Vec::new();
-    for (i, (name, ty)) in [("http", "acme.http.v1.HttpAccessLog"), ("payments", "acme.payments.v1.PaymentEvent")].into_iter().enumerate() {
+    for (i, (name, ty)) in [
+        ("http", "acme.http.v1.HttpAccessLog"),
+        ("payments", "acme.payments.v1.PaymentEvent"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let topic = unique(name);
         let subscription = format!("{topic}-sub");
-        let topic_path = emu.topic_and_subscription(&topic, &subscription).await.unwrap();
+        let topic_path = emu
+            .topic_and_subscription(&topic, &subscription)
+            .await
+            .unwrap();
         let published = publish_samples(&emu, &topic_path, ty, 300, 11 + i as u64).await;
-        streams.push(Stream { pipeline: name.into(), subscription, table: name.into(), message_type: ty.into(), published });
+        streams.push(Stream {
+            pipeline: name.into(),
+            subscription,
+            table: name.into(),
+            message_type: ty.into(),
+            published,
+        });
     }
-    let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &streams.iter().collect::<Vec<_>>()));
+    let cfg = load_config(&config_yaml(
+        &emu.project,
+        &raw,
+        &dlq,
+        &dataset,
+        &streams.iter().collect::<Vec<_>>(),
+    ));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone()).await.unwrap();
+    let running = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
 
     // The worker's own ack counter is the signal that everything was processed.
     for ((name, stats), s) in running.stats.iter().zip(&streams) {
         let total = s.published.len() as u64;
         let snap = tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
             .await
-            .unwrap_or_else(|_| panic!("{name}: not all messages acked in time: {:?}", stats.snapshot()));
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{name}: not all messages acked in time: {:?}",
+                    stats.snapshot()
+                )
+            });
         assert_eq!(snap.nacked, 0, "{name}: {snap:?}");
     }
     shutdown.cancel();
     running.done.await.unwrap().unwrap();
 
-    let http_columns = ["remote_ip", "request.path", "request.method", "response.status", "service.name", "trace.trace_id"];
-    let payment_columns = ["payment_id", "status", "amount.currency", "amount.minor_units", "attempt", "failure_reason"];
-    verify(&emu, &clients, &raw, &dlq, &dataset, &streams[0], &http_columns).await;
-    verify(&emu, &clients, &raw, &dlq, &dataset, &streams[1], &payment_columns).await;
+    let http_columns = [
+        "remote_ip",
+        "request.path",
+        "request.method",
+        "response.status",
+        "service.name",
+        "trace.trace_id",
+    ];
+    let payment_columns = [
+        "payment_id",
+        "status",
+        "amount.currency",
+        "amount.minor_units",
+        "attempt",
+        "failure_reason",
+    ];
+    verify(
+        &emu,
+        &clients,
+        &raw,
+        &dlq,
+        &dataset,
+        &streams[0],
+        &http_columns,
+    )
+    .await;
+    verify(
+        &emu,
+        &clients,
+        &raw,
+        &dlq,
+        &dataset,
+        &streams[1],
+        &payment_columns,
+    )
+    .await;
     for ((name, stats), s) in running.stats.iter().zip(&streams) {
         let snap = stats.snapshot();
-        let bad = s.published.values().filter(|x| x.malformed.is_some()).count() as u64;
+        let bad = s
+            .published
+            .values()
+            .filter(|x| x.malformed.is_some())
+            .count() as u64;
         assert_eq!(snap.archived, s.published.len() as u64, "{name}: {snap:?}");
-        assert_eq!(snap.inserted, s.published.len() as u64 - bad, "{name}: {snap:?}");
+        assert_eq!(
+            snap.inserted,
+            s.published.len() as u64 - bad,
+            "{name}: {snap:?}"
+        );
         assert_eq!(snap.dead_lettered, bad, "{name}: {snap:?}");
     }
 }
@@ -237,29 +402,57 @@ async fn rows_bigquery_rejects_go_to_the_dead_letter_path() {
     emu.table(&dataset, "http", schema).await.unwrap();
     let topic = unique("bad-rows");
     let subscription = format!("{topic}-sub");
-    let topic_path = emu.topic_and_subscription(&topic, &subscription).await.unwrap();
+    let topic_path = emu
+        .topic_and_subscription(&topic, &subscription)
+        .await
+        .unwrap();
     let published = publish_samples(&emu, &topic_path, ty, 50, 5).await;
-    let stream = Stream { pipeline: "http".into(), subscription: subscription.clone(), table: "http".into(), message_type: ty.into(), published };
+    let stream = Stream {
+        pipeline: "http".into(),
+        subscription: subscription.clone(),
+        table: "http".into(),
+        message_type: ty.into(),
+        published,
+    };
     let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone()).await.unwrap();
+    let running = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
     let stats = &running.stats[0].1;
     let total = stream.published.len() as u64;
-    let snap = tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total)).await.expect("all acked");
+    let snap = tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
+        .await
+        .expect("all acked");
     shutdown.cancel();
     running.done.await.unwrap().unwrap();
     assert_eq!(snap.inserted, 0, "{snap:?}");
     assert_eq!(snap.dead_lettered, total, "{snap:?}");
 
     let mut classes = BTreeMap::new();
-    for obj in clients.gcs.list(&dlq, &format!("dlq/{subscription}/")).await.unwrap() {
+    for obj in clients
+        .gcs
+        .list(&dlq, &format!("dlq/{subscription}/"))
+        .await
+        .unwrap()
+    {
         for line in deadletter::decode(&clients.gcs.get(&dlq, &obj.name).await.unwrap()).unwrap() {
             let expect_bq = stream.published[&line.message_id].malformed.is_none();
             let class = line.error_class.clone();
-            assert_eq!(class == "bigquery_invalid", expect_bq, "{}: {class}: {}", line.message_id, line.error_message);
+            assert_eq!(
+                class == "bigquery_invalid",
+                expect_bq,
+                "{}: {class}: {}",
+                line.message_id,
+                line.error_message
+            );
             if expect_bq {
-                assert!(line.error_message.contains("remote_ip"), "{}", line.error_message);
+                assert!(
+                    line.error_message.contains("remote_ip"),
+                    "{}",
+                    line.error_message
+                );
             }
             *classes.entry(class).or_insert(0u64) += 1;
         }
@@ -281,17 +474,39 @@ async fn start_fails_clearly_when_a_destination_is_missing() {
         published: HashMap::new(),
     };
     // The dataset does not exist.
-    let cfg = load_config(&config_yaml(&emu.project, &raw, &raw, "no_such_dataset", &[&stream]));
+    let cfg = load_config(&config_yaml(
+        &emu.project,
+        &raw,
+        &raw,
+        "no_such_dataset",
+        &[&stream],
+    ));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
-    let e = worker::start(cfg.clone(), clients.clone(), CancellationToken::new()).await.unwrap_err();
+    let e = worker::start(cfg.clone(), clients.clone(), CancellationToken::new())
+        .await
+        .unwrap_err();
     let text = format!("{e:#}");
-    assert!(text.contains("pipelines[0] (http).bigquery") && text.contains("no_such_dataset"), "{text}");
+    assert!(
+        text.contains("pipelines[0] (http).bigquery") && text.contains("no_such_dataset"),
+        "{text}"
+    );
 
     // The dataset exists but the dead-letter bucket does not.
     let dataset = unique("ds").replace('-', "_");
     emu.dataset(&dataset).await.unwrap();
-    let cfg = load_config(&config_yaml(&emu.project, &raw, "no-such-bucket-x", &dataset, &[&stream]));
-    let e = worker::start(cfg, clients, CancellationToken::new()).await.unwrap_err();
+    let cfg = load_config(&config_yaml(
+        &emu.project,
+        &raw,
+        "no-such-bucket-x",
+        &dataset,
+        &[&stream],
+    ));
+    let e = worker::start(cfg, clients, CancellationToken::new())
+        .await
+        .unwrap_err();
     let text = format!("{e:#}");
-    assert!(text.contains("dead_letter.bucket") && text.contains("no-such-bucket-x"), "{text}");
+    assert!(
+        text.contains("dead_letter.bucket") && text.contains("no-such-bucket-x"),
+        "{text}"
+    );
 }

@@ -102,7 +102,10 @@ pub struct BigQuery {
 
 impl std::fmt::Debug for BigQuery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BigQuery").field("base", &self.base).field("project", &self.options.project).finish()
+        f.debug_struct("BigQuery")
+            .field("base", &self.base)
+            .field("project", &self.options.project)
+            .finish()
     }
 }
 
@@ -124,7 +127,12 @@ impl BigQuery {
             .build_from_authenticator(auth)
             .await
             .map_err(|e| BqError::Auth(e.to_string()))?;
-        Ok(BigQuery { http, base, admin, options })
+        Ok(BigQuery {
+            http,
+            base,
+            admin,
+            options,
+        })
     }
 
     /// The project of the datasets.
@@ -141,7 +149,10 @@ impl BigQuery {
         rows: &[(&str, &[u8])],
         stats: &Stats,
     ) -> Result<InsertOutcome, BqError> {
-        let url = format!("{}/projects/{}/datasets/{dataset}/tables/{table}/insertAll", self.base, self.options.project);
+        let url = format!(
+            "{}/projects/{}/datasets/{dataset}/tables/{table}/insertAll",
+            self.base, self.options.project
+        );
         let target = format!("{dataset}.{table}");
         let mut outcome = InsertOutcome::default();
         let mut start = 0;
@@ -181,7 +192,10 @@ impl BigQuery {
                     return Err(BqError::Protocol {
                         op: "insertAll",
                         target,
-                        message: format!("{} rows still `stopped` after {MAX_STOPPED_RESENDS} resends", stopped.len()),
+                        message: format!(
+                            "{} rows still `stopped` after {MAX_STOPPED_RESENDS} resends",
+                            stopped.len()
+                        ),
                     });
                 }
                 let subset: Vec<(&str, &[u8])> = stopped.iter().map(|&i| rows[i]).collect();
@@ -194,7 +208,13 @@ impl BigQuery {
         Ok(outcome)
     }
 
-    async fn send_insert(&self, url: &str, target: &str, body: Vec<u8>, stats: &Stats) -> Result<Vec<InsertErrors>, BqError> {
+    async fn send_insert(
+        &self,
+        url: &str,
+        target: &str,
+        body: Vec<u8>,
+        stats: &Stats,
+    ) -> Result<Vec<InsertErrors>, BqError> {
         let body = bytes::Bytes::from(body);
         self.options
             .retry
@@ -238,7 +258,12 @@ impl BigQuery {
 
     /// Creates `dataset.table` with `schema` (a `{"fields": [...]}` object), partitioned by day
     /// on `_publish_time`, unless it exists. A missing dataset is a permanent error.
-    pub async fn ensure_table(&self, dataset: &str, table: &str, schema: serde_json::Value) -> Result<(), BqError> {
+    pub async fn ensure_table(
+        &self,
+        dataset: &str,
+        table: &str,
+        schema: serde_json::Value,
+    ) -> Result<(), BqError> {
         let project = self.options.project.clone();
         let target = format!("{dataset}.{table}");
         match self.admin.table().get(&project, dataset, table, None).await {
@@ -283,7 +308,13 @@ impl BigQuery {
             .rows
             .unwrap_or_default()
             .into_iter()
-            .map(|r| r.columns.unwrap_or_default().into_iter().map(|c| c.value).collect())
+            .map(|r| {
+                r.columns
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|c| c.value)
+                    .collect()
+            })
             .collect())
     }
 
@@ -297,7 +328,14 @@ impl BigQuery {
 /// one). Returns the end index and the body.
 fn build_body(rows: &[(&str, &[u8])], start: usize, max_bytes: usize) -> (usize, Vec<u8>) {
     const HEAD: &[u8] = b"{\"skipInvalidRows\":true,\"ignoreUnknownValues\":false,\"rows\":[";
-    let mut body = Vec::with_capacity(HEAD.len() + rows[start..].iter().map(|r| r.1.len() + 48).sum::<usize>().min(max_bytes));
+    let mut body = Vec::with_capacity(
+        HEAD.len()
+            + rows[start..]
+                .iter()
+                .map(|r| r.1.len() + 48)
+                .sum::<usize>()
+                .min(max_bytes),
+    );
     body.extend_from_slice(HEAD);
     let mut end = start;
     for (i, (id, json)) in rows.iter().enumerate().skip(start) {
@@ -322,10 +360,26 @@ fn build_body(rows: &[(&str, &[u8])], start: usize, max_bytes: usize) -> (usize,
 
 fn http_error(op: &'static str, target: &str, status: u16, body: &[u8]) -> BqError {
     let (reason, message) = match serde_json::from_slice::<ErrorEnvelope>(body) {
-        Ok(env) => (env.error.errors.first().map(|e| e.reason.clone()).unwrap_or_default(), env.error.message),
-        Err(_) => (String::new(), String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned()),
+        Ok(env) => (
+            env.error
+                .errors
+                .first()
+                .map(|e| e.reason.clone())
+                .unwrap_or_default(),
+            env.error.message,
+        ),
+        Err(_) => (
+            String::new(),
+            String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+        ),
     };
-    BqError::Http { op, target: target.to_string(), status, reason, message }
+    BqError::Http {
+        op,
+        target: target.to_string(),
+        status,
+        reason,
+        message,
+    }
 }
 
 fn admin_error(op: &'static str, target: &str, e: BQError) -> BqError {
@@ -334,12 +388,25 @@ fn admin_error(op: &'static str, target: &str, e: BQError) -> BqError {
             op,
             target: target.to_string(),
             status: u16::try_from(error.error.code).unwrap_or(500),
-            reason: error.error.errors.first().and_then(|m| m.get("reason").cloned()).unwrap_or_default(),
+            reason: error
+                .error
+                .errors
+                .first()
+                .and_then(|m| m.get("reason").cloned())
+                .unwrap_or_default(),
             message: error.error.message,
         },
-        BQError::RequestError(e) => BqError::Transport { op, target: target.to_string(), message: e.to_string() },
+        BQError::RequestError(e) => BqError::Transport {
+            op,
+            target: target.to_string(),
+            message: e.to_string(),
+        },
         BQError::NoToken => BqError::Auth("no access token".into()),
-        other => BqError::Protocol { op, target: target.to_string(), message: other.to_string() },
+        other => BqError::Protocol {
+            op,
+            target: target.to_string(),
+            message: other.to_string(),
+        },
     }
 }
 
@@ -365,7 +432,7 @@ mod tests {
         let rows: Vec<(&str, &[u8])> = (0..10).map(|_| ("id", row.as_bytes())).collect();
         let (end, body) = build_body(&rows, 0, 400);
         assert!(body.len() <= 400, "{}", body.len());
-        assert!(end >= 1 && end < 10, "{end}");
+        assert!((1..10).contains(&end), "{end}");
         serde_json::from_slice::<serde_json::Value>(&body).unwrap();
         let (end1, _) = build_body(&rows, 0, 10);
         assert_eq!(end1, 1, "a row larger than the limit is still sent alone");

@@ -50,7 +50,9 @@ impl Classify for BqError {
     fn class(&self) -> ErrorClass {
         match self {
             BqError::Http { status, reason, .. } => match reason.as_str() {
-                "quotaExceeded" | "rateLimitExceeded" | "backendError" | "internalError" => ErrorClass::Transient,
+                "quotaExceeded" | "rateLimitExceeded" | "backendError" | "internalError" => {
+                    ErrorClass::Transient
+                }
                 _ => classify_http_status(*status),
             },
             BqError::Transport { .. } => ErrorClass::Transient,
@@ -65,7 +67,13 @@ mod tests {
     use super::*;
 
     fn http(status: u16, reason: &str) -> BqError {
-        BqError::Http { op: "insertAll", target: "d.t".into(), status, reason: reason.into(), message: String::new() }
+        BqError::Http {
+            op: "insertAll",
+            target: "d.t".into(),
+            status,
+            reason: reason.into(),
+            message: String::new(),
+        }
     }
 
     #[test]
@@ -73,7 +81,10 @@ mod tests {
         assert_eq!(http(404, "notFound").class(), ErrorClass::Permanent);
         assert_eq!(http(403, "accessDenied").class(), ErrorClass::Permanent);
         assert_eq!(http(403, "quotaExceeded").class(), ErrorClass::Transient);
-        assert_eq!(http(403, "rateLimitExceeded").class(), ErrorClass::Transient);
+        assert_eq!(
+            http(403, "rateLimitExceeded").class(),
+            ErrorClass::Transient
+        );
         assert_eq!(http(500, "").class(), ErrorClass::Transient);
         assert_eq!(http(503, "backendError").class(), ErrorClass::Transient);
         assert_eq!(http(400, "invalid").class(), ErrorClass::Permanent);

@@ -16,5 +16,7 @@ mod client;
 mod error;
 
 pub use auth::BqAuthenticator;
-pub use client::{BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES, InsertOutcome, RowRejection};
+pub use client::{
+    BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES, InsertOutcome, RowRejection,
+};
 pub use error::BqError;

@@ -6,8 +6,8 @@
 //! are gone, so the message is redelivered. Nothing is ever acked by accident.
 
 use std::fmt;
-use std::sync::Mutex;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// What the source does when a message's fate is decided.
@@ -49,7 +49,9 @@ pub struct AckPart {
 
 impl fmt::Debug for AckPart {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AckPart").field("pending", &self.shared.is_some()).finish()
+        f.debug_struct("AckPart")
+            .field("pending", &self.shared.is_some())
+            .finish()
     }
 }
 
@@ -61,7 +63,9 @@ impl AckPart {
             failed: AtomicBool::new(false),
             handle: Mutex::new(Some(handle)),
         });
-        std::array::from_fn(|_| AckPart { shared: Some(Arc::clone(&shared)) })
+        std::array::from_fn(|_| AckPart {
+            shared: Some(Arc::clone(&shared)),
+        })
     }
 
     /// A part with no handle behind it (replay, tests): completing or dropping it does nothing.

@@ -30,7 +30,9 @@ impl BatchLimits {
             return Err(format!("{what}.max_bytes must be at least 1"));
         }
         if self.max_age.is_zero() {
-            return Err(format!("{what}.max_age must be greater than 0s (e.g. \"5s\")"));
+            return Err(format!(
+                "{what}.max_age must be greater than 0s (e.g. \"5s\")"
+            ));
         }
         Ok(())
     }
@@ -78,7 +80,11 @@ mod tests {
     use super::*;
 
     fn limits(items: usize, bytes: usize, age_ms: u64) -> BatchLimits {
-        BatchLimits { max_items: items, max_bytes: bytes, max_age: Duration::from_millis(age_ms) }
+        BatchLimits {
+            max_items: items,
+            max_bytes: bytes,
+            max_age: Duration::from_millis(age_ms),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -87,7 +93,9 @@ mod tests {
         for i in 0..5 {
             tx.send(i).await.unwrap();
         }
-        let b = next_batch(&mut rx, &limits(3, 1000, 60_000), |_| 1).await.unwrap();
+        let b = next_batch(&mut rx, &limits(3, 1000, 60_000), |_| 1)
+            .await
+            .unwrap();
         assert_eq!(b, vec![0, 1, 2]);
     }
 
@@ -97,7 +105,9 @@ mod tests {
         for i in 0..5 {
             tx.send(i).await.unwrap();
         }
-        let b = next_batch(&mut rx, &limits(100, 20, 60_000), |_| 10).await.unwrap();
+        let b = next_batch(&mut rx, &limits(100, 20, 60_000), |_| 10)
+            .await
+            .unwrap();
         assert_eq!(b, vec![0, 1]);
     }
 
@@ -106,7 +116,9 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         tx.send(1).await.unwrap();
         let start = Instant::now();
-        let b = next_batch(&mut rx, &limits(100, 1000, 5_000), |_| 1).await.unwrap();
+        let b = next_batch(&mut rx, &limits(100, 1000, 5_000), |_| 1)
+            .await
+            .unwrap();
         assert_eq!(b, vec![1]);
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         drop(tx);
@@ -125,7 +137,9 @@ mod tests {
 
     #[test]
     fn validate_names_the_field() {
-        let e = limits(0, 1, 1).validate("pipelines[0].archive").unwrap_err();
+        let e = limits(0, 1, 1)
+            .validate("pipelines[0].archive")
+            .unwrap_err();
         assert!(e.contains("pipelines[0].archive.max_items"), "{e}");
         assert!(limits(1, 1, 1).validate("x").is_ok());
     }

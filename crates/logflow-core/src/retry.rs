@@ -47,7 +47,9 @@ impl RetryPolicy {
     /// The backoff ceiling before attempt `attempt + 1` (attempt counts from 1).
     fn ceiling(&self, attempt: u32) -> Duration {
         let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
-        self.initial_backoff.saturating_mul(factor).min(self.max_backoff)
+        self.initial_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
     }
 
     /// A full-jitter backoff before attempt `attempt + 1`: uniform in `[0, ceiling(attempt)]`.
@@ -57,7 +59,11 @@ impl RetryPolicy {
 
     /// Runs `op` until it succeeds, fails with a non-transient error, or the bounds are reached.
     /// `on_retry` is told of each transient failure that will be retried.
-    pub async fn run<T, E, F, Fut>(&self, mut op: F, mut on_retry: impl FnMut(&E, u32)) -> Result<T, E>
+    pub async fn run<T, E, F, Fut>(
+        &self,
+        mut op: F,
+        mut on_retry: impl FnMut(&E, u32),
+    ) -> Result<T, E>
     where
         E: Classify,
         F: FnMut() -> Fut,
@@ -116,7 +122,13 @@ mod tests {
                 || {
                     calls.set(calls.get() + 1);
                     let n = calls.get();
-                    async move { if n < 3 { Err(E(ErrorClass::Transient)) } else { Ok(n) } }
+                    async move {
+                        if n < 3 {
+                            Err(E(ErrorClass::Transient))
+                        } else {
+                            Ok(n)
+                        }
+                    }
                 },
                 |_, _| {},
             )
@@ -142,11 +154,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stops_at_max_elapsed() {
-        let p = RetryPolicy { max_attempts: 1000, max_elapsed: Duration::from_secs(5), ..policy() };
+        let p = RetryPolicy {
+            max_attempts: 1000,
+            max_elapsed: Duration::from_secs(5),
+            ..policy()
+        };
         let start = Instant::now();
-        let r: Result<(), E> = p.run(|| async { Err(E(ErrorClass::Transient)) }, |_, _| {}).await;
+        let r: Result<(), E> = p
+            .run(|| async { Err(E(ErrorClass::Transient)) }, |_, _| {})
+            .await;
         assert!(r.is_err());
-        assert!(start.elapsed() <= Duration::from_secs(6), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() <= Duration::from_secs(6),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]

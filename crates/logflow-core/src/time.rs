@@ -1,8 +1,6 @@
 //! UTC timestamp formatting without a calendar library: RFC 3339 with microseconds for rows,
 //! and Hive-style `dt=YYYY-MM-DD/hour=HH` partitions for object names.
 
-use std::fmt::Write;
-
 /// Broken-down UTC time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Civil {
@@ -51,14 +49,27 @@ impl Civil {
     }
 }
 
-/// Appends `2026-11-27T09:00:00.123456Z`.
+/// Appends `2026-11-27T09:00:00.123456Z`. Years must be 1..=9999 (callers validate); others
+/// are written modulo 10,000.
 pub fn write_rfc3339_micros(out: &mut String, unix_micros: i64) {
     let c = Civil::from_unix_micros(unix_micros);
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        c.year, c.month, c.day, c.hour, c.minute, c.second, c.micros
-    );
+    let mut buf = *b"0000-00-00T00:00:00.000000Z";
+    put_digits(&mut buf[0..4], c.year.rem_euclid(10_000) as u32);
+    put_digits(&mut buf[5..7], c.month);
+    put_digits(&mut buf[8..10], c.day);
+    put_digits(&mut buf[11..13], c.hour);
+    put_digits(&mut buf[14..16], c.minute);
+    put_digits(&mut buf[17..19], c.second);
+    put_digits(&mut buf[20..26], c.micros);
+    out.extend(buf.iter().map(|b| *b as char));
+}
+
+/// Writes `v` as zero-padded decimal digits filling `dst`.
+fn put_digits(dst: &mut [u8], mut v: u32) {
+    for d in dst.iter_mut().rev() {
+        *d = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
 }
 
 /// `2026-11-27T09:00:00.123456Z`.
@@ -71,7 +82,10 @@ pub fn rfc3339_micros(unix_micros: i64) -> String {
 /// `dt=2026-11-27/hour=09`, the Hive partition of an instant.
 pub fn hive_partition(unix_micros: i64) -> String {
     let c = Civil::from_unix_micros(unix_micros);
-    format!("dt={:04}-{:02}-{:02}/hour={:02}", c.year, c.month, c.day, c.hour)
+    format!(
+        "dt={:04}-{:02}-{:02}/hour={:02}",
+        c.year, c.month, c.day, c.hour
+    )
 }
 
 /// Microseconds since the Unix epoch, now.
@@ -90,15 +104,30 @@ mod tests {
     fn known_instants() {
         // Values checked against `date -u -d @SECONDS`.
         assert_eq!(rfc3339_micros(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339_micros(1_795_770_000_123_456), "2026-11-27T09:00:00.123456Z");
-        assert_eq!(rfc3339_micros(951_782_400_000_000), "2000-02-29T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339_micros(1_795_770_000_123_456),
+            "2026-11-27T09:00:00.123456Z"
+        );
+        assert_eq!(
+            rfc3339_micros(951_782_400_000_000),
+            "2000-02-29T00:00:00.000000Z"
+        );
         assert_eq!(rfc3339_micros(-1), "1969-12-31T23:59:59.999999Z");
-        assert_eq!(rfc3339_micros(-62_135_596_800_000_000), "0001-01-01T00:00:00.000000Z");
-        assert_eq!(rfc3339_micros(253_402_300_799_999_999), "9999-12-31T23:59:59.999999Z");
+        assert_eq!(
+            rfc3339_micros(-62_135_596_800_000_000),
+            "0001-01-01T00:00:00.000000Z"
+        );
+        assert_eq!(
+            rfc3339_micros(253_402_300_799_999_999),
+            "9999-12-31T23:59:59.999999Z"
+        );
     }
 
     #[test]
     fn hive_partition_of_an_instant() {
-        assert_eq!(hive_partition(1_795_770_000_123_456), "dt=2026-11-27/hour=09");
+        assert_eq!(
+            hive_partition(1_795_770_000_123_456),
+            "dt=2026-11-27/hour=09"
+        );
     }
 }

@@ -28,14 +28,26 @@ pub fn schema() -> SchemaRef {
     let map_entries = Field::new(
         "entries",
         DataType::Struct(
-            vec![Field::new("keys", DataType::Utf8, false), Field::new("values", DataType::Utf8, true)].into(),
+            vec![
+                Field::new("keys", DataType::Utf8, false),
+                Field::new("values", DataType::Utf8, true),
+            ]
+            .into(),
         ),
         false,
     );
     Arc::new(Schema::new(vec![
         Field::new("message_id", DataType::Utf8, false),
-        Field::new("publish_time", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
-        Field::new("attributes", DataType::Map(Arc::new(map_entries), false), false),
+        Field::new(
+            "publish_time",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+        Field::new(
+            "attributes",
+            DataType::Map(Arc::new(map_entries), false),
+            false,
+        ),
         Field::new("ordering_key", DataType::Utf8, false),
         Field::new("subscription", DataType::Utf8, false),
         Field::new("delivery_attempt", DataType::Int32, true),
@@ -44,7 +56,10 @@ pub fn schema() -> SchemaRef {
 }
 
 /// Encodes a batch of records as one Parquet file. CPU-bound: call from a blocking task.
-pub fn encode<'a>(records: impl ExactSizeIterator<Item = &'a Record> + Clone, subscription: &str) -> Result<Bytes, GcsError> {
+pub fn encode<'a>(
+    records: impl ExactSizeIterator<Item = &'a Record> + Clone,
+    subscription: &str,
+) -> Result<Bytes, GcsError> {
     let n = records.len();
     let data_bytes: usize = records.clone().map(|r| r.data.len()).sum();
     let mut ids = StringBuilder::with_capacity(n, n * 20);
@@ -61,7 +76,9 @@ pub fn encode<'a>(records: impl ExactSizeIterator<Item = &'a Record> + Clone, su
             attrs.keys().append_value(k);
             attrs.values().append_value(v);
         }
-        attrs.append(true).map_err(|e| GcsError::Format(e.to_string()))?;
+        attrs
+            .append(true)
+            .map_err(|e| GcsError::Format(e.to_string()))?;
         keys.append_value(&r.ordering_key);
         subs.append_value(subscription);
         attempts.append_option(r.delivery_attempt);
@@ -85,14 +102,22 @@ pub fn encode<'a>(records: impl ExactSizeIterator<Item = &'a Record> + Clone, su
         .map(|(f, c)| Field::new(f.name(), c.data_type().clone(), f.is_nullable()))
         .collect();
     let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(Arc::clone(&schema), columns).map_err(|e| GcsError::Format(e.to_string()))?;
+    let batch = RecordBatch::try_new(Arc::clone(&schema), columns)
+        .map_err(|e| GcsError::Format(e.to_string()))?;
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(|e| GcsError::Format(e.to_string()))?))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).map_err(|e| GcsError::Format(e.to_string()))?,
+        ))
         .build();
     let mut buf = Vec::with_capacity(data_bytes / 2 + 4096);
-    let mut writer = ArrowWriter::try_new(&mut buf, schema, Some(props)).map_err(|e| GcsError::Format(e.to_string()))?;
-    writer.write(&batch).map_err(|e| GcsError::Format(e.to_string()))?;
-    writer.close().map_err(|e| GcsError::Format(e.to_string()))?;
+    let mut writer = ArrowWriter::try_new(&mut buf, schema, Some(props))
+        .map_err(|e| GcsError::Format(e.to_string()))?;
+    writer
+        .write(&batch)
+        .map_err(|e| GcsError::Format(e.to_string()))?;
+    writer
+        .close()
+        .map_err(|e| GcsError::Format(e.to_string()))?;
     Ok(Bytes::from(buf))
 }
 
@@ -108,11 +133,18 @@ pub struct ArchivedMessage {
 /// Decodes an archive file.
 pub fn decode(file: Bytes) -> Result<Vec<ArchivedMessage>, GcsError> {
     let fmt = |e: &dyn std::fmt::Display| GcsError::Format(format!("archive file: {e}"));
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| fmt(&e))?.build().map_err(|e| fmt(&e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| fmt(&e))?
+        .build()
+        .map_err(|e| fmt(&e))?;
     let mut out = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| fmt(&e))?;
-        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| fmt(&format!("missing column {name}")));
+        let col = |name: &str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| fmt(&format!("missing column {name}")))
+        };
         let ids = downcast::<StringArray>(col("message_id")?)?;
         let times = downcast::<TimestampMicrosecondArray>(col("publish_time")?)?;
         let attrs = downcast::<MapArray>(col("attributes")?)?;
@@ -124,7 +156,9 @@ pub fn decode(file: Bytes) -> Result<Vec<ArchivedMessage>, GcsError> {
             let entries = attrs.value(i);
             let k = downcast::<StringArray>(entries.column(0))?;
             let v = downcast::<StringArray>(entries.column(1))?;
-            let attributes = (0..k.len()).map(|j| (k.value(j).to_string(), v.value(j).to_string())).collect();
+            let attributes = (0..k.len())
+                .map(|j| (k.value(j).to_string(), v.value(j).to_string()))
+                .collect();
             out.push(ArchivedMessage {
                 record: Record {
                     message_id: ids.value(i).to_string(),
@@ -142,7 +176,9 @@ pub fn decode(file: Bytes) -> Result<Vec<ArchivedMessage>, GcsError> {
 }
 
 fn downcast<T: 'static>(a: &ArrayRef) -> Result<&T, GcsError> {
-    a.as_any().downcast_ref::<T>().ok_or_else(|| GcsError::Format("archive file: unexpected column type".into()))
+    a.as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| GcsError::Format("archive file: unexpected column type".into()))
 }
 
 #[cfg(test)]
@@ -153,7 +189,11 @@ mod tests {
         Record {
             message_id: format!("id-{i}"),
             publish_time_micros: 1_795_770_000_000_000 + i64::from(i),
-            attributes: if i % 2 == 0 { vec![("a".into(), "1".into()), ("b".into(), "2".into())] } else { vec![] },
+            attributes: if i.is_multiple_of(2) {
+                vec![("a".into(), "1".into()), ("b".into(), "2".into())]
+            } else {
+                vec![]
+            },
             ordering_key: if i == 1 { "k".into() } else { String::new() },
             data: Bytes::from(vec![i, 0, 255, i]),
             delivery_attempt: if i == 2 { Some(3) } else { None },

@@ -67,17 +67,28 @@ impl Gcs {
             .with_retry_policy(NeverRetry)
             .with_resumable_upload_threshold(SINGLE_SHOT_LIMIT);
         if let Some(ep) = &options.emulator_endpoint {
-            builder = builder
-                .with_endpoint(ep.clone())
-                .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+            builder = builder.with_endpoint(ep.clone()).with_credentials(
+                google_cloud_auth::credentials::anonymous::Builder::new().build(),
+            );
         }
-        let storage = builder.build().await.map_err(|e| GcsError::Auth(e.to_string()))?;
-        let json_api = options.emulator_endpoint.clone().unwrap_or_else(|| GCS_JSON_API.to_string());
+        let storage = builder
+            .build()
+            .await
+            .map_err(|e| GcsError::Auth(e.to_string()))?;
+        let json_api = options
+            .emulator_endpoint
+            .clone()
+            .unwrap_or_else(|| GCS_JSON_API.to_string());
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(60))
             .build()
             .map_err(|e| GcsError::Auth(e.to_string()))?;
-        Ok(Gcs { storage, http, json_api, options })
+        Ok(Gcs {
+            storage,
+            http,
+            json_api,
+            options,
+        })
     }
 
     /// Writes a new object in one request with `ifGenerationMatch=0`, retrying transient
@@ -92,8 +103,7 @@ impl Gcs {
         stats: &Stats,
     ) -> Result<(), GcsError> {
         let mut attempt = 0u32;
-        let result = self
-            .options
+        self.options
             .retry
             .run(
                 || {
@@ -112,11 +122,16 @@ impl Gcs {
                     warn!(bucket, object = name, attempt = n, error = %e, "gcs write failed, retrying");
                 },
             )
-            .await;
-        result
+            .await
     }
 
-    async fn put_once(&self, bucket: &str, name: &str, data: Bytes, content_type: &'static str) -> Result<(), GcsError> {
+    async fn put_once(
+        &self,
+        bucket: &str,
+        name: &str,
+        data: Bytes,
+        content_type: &'static str,
+    ) -> Result<(), GcsError> {
         self.storage
             .write_object(format!("projects/_/buckets/{bucket}"), name, data)
             .set_if_generation_match(0)
@@ -174,7 +189,10 @@ impl Gcs {
         let mut out = Vec::new();
         let mut page_token: Option<String> = None;
         loop {
-            let mut req = self.http.get(&url).query(&[("prefix", prefix), ("fields", "items(name,size),nextPageToken")]);
+            let mut req = self.http.get(&url).query(&[
+                ("prefix", prefix),
+                ("fields", "items(name,size),nextPageToken"),
+            ]);
             if let Some(t) = &page_token {
                 req = req.query(&[("pageToken", t.as_str())]);
             }
@@ -208,7 +226,12 @@ impl Gcs {
     }
 }
 
-fn sdk_error(op: &'static str, bucket: &str, object: &str, e: &google_cloud_storage::Error) -> GcsError {
+fn sdk_error(
+    op: &'static str,
+    bucket: &str,
+    object: &str,
+    e: &google_cloud_storage::Error,
+) -> GcsError {
     if let Some(status) = e.http_status_code() {
         return GcsError::Http {
             op,
@@ -221,5 +244,10 @@ fn sdk_error(op: &'static str, bucket: &str, object: &str, e: &google_cloud_stor
     if e.is_authentication() {
         return GcsError::Auth(e.to_string());
     }
-    GcsError::Transport { op, bucket: bucket.to_string(), object: object.to_string(), message: e.to_string() }
+    GcsError::Transport {
+        op,
+        bucket: bucket.to_string(),
+        object: object.to_string(),
+        message: e.to_string(),
+    }
 }

@@ -85,7 +85,10 @@ pub fn encode<'a>(
 pub fn decode(file: &[u8]) -> Result<Vec<DeadLetterLine>, GcsError> {
     file.split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).map_err(|e| GcsError::Format(format!("dead-letter line: {e}"))))
+        .map(|l| {
+            serde_json::from_slice(l)
+                .map_err(|e| GcsError::Format(format!("dead-letter line: {e}")))
+        })
         .collect()
 }
 

@@ -1,7 +1,7 @@
 //! GCS errors, classified for the retry loop.
 
-use logflow_core::{Classify, ErrorClass};
 use logflow_core::error::classify_http_status;
+use logflow_core::{Classify, ErrorClass};
 
 /// A failed GCS operation.
 #[derive(Debug, thiserror::Error)]

@@ -20,7 +20,11 @@ impl ObjectNamer {
         let prefix = prefix.trim_matches('/');
         let subscription = subscription.rsplit('/').next().unwrap_or(subscription);
         ObjectNamer {
-            prefix: if prefix.is_empty() { String::new() } else { format!("{prefix}/") },
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
             subscription: subscription.to_string(),
             worker: worker.to_string(),
             seq: AtomicU64::new(0),
@@ -53,8 +57,14 @@ mod tests {
             n.next(1_795_770_000_123_456, "parquet"),
             "raw/logs-sub/dt=2026-11-27/hour=09/pod-a-1f2e-1795770000123456-000000.parquet"
         );
-        assert!(n.next(1_795_770_000_123_456, "parquet").ends_with("-000001.parquet"));
+        assert!(
+            n.next(1_795_770_000_123_456, "parquet")
+                .ends_with("-000001.parquet")
+        );
         let bare = ObjectNamer::new("", "s", "w");
-        assert!(bare.next(0, "jsonl").starts_with("s/dt=1970-01-01/hour=00/w-0-"));
+        assert!(
+            bare.next(0, "jsonl")
+                .starts_with("s/dt=1970-01-01/hour=00/w-0-")
+        );
     }
 }

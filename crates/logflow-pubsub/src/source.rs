@@ -68,7 +68,9 @@ pub async fn connect(emulator_endpoint: Option<&str>) -> Result<Subscriber, Sour
             .with_endpoint(ep)
             .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
     }
-    b.build().await.map_err(|e| SourceError::Client(e.to_string()))
+    b.build()
+        .await
+        .map_err(|e| SourceError::Client(e.to_string()))
 }
 
 /// Streams the messages of one subscription into the pipeline.
@@ -142,7 +144,10 @@ impl PubsubSource {
                     Some(Ok(pair)) => pair,
                     Some(Err(e)) => {
                         let permanent = e.status().is_some_and(|s| {
-                            matches!(s.code, Code::NotFound | Code::PermissionDenied | Code::Unauthenticated)
+                            matches!(
+                                s.code,
+                                Code::NotFound | Code::PermissionDenied | Code::Unauthenticated
+                            )
                         });
                         if permanent {
                             break 'streams Err(SourceError::Subscription {
@@ -164,7 +169,12 @@ impl PubsubSource {
                     }
                 };
                 failures = 0;
-                let size = msg.data.len() + msg.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                let size = msg.data.len()
+                    + msg
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>();
                 // A message larger than the byte budget takes all of it, and waits for it.
                 let need = size.clamp(1, max_bytes) as u32;
                 let bytes_permit = tokio::select! {
@@ -173,9 +183,20 @@ impl PubsubSource {
                 };
                 let record = Arc::new(to_record(msg, handler.delivery_attempt()));
                 stats.add(&stats.received, 1);
-                let ack = PubsubAck { handler, stats: Arc::clone(&stats), _message: message_permit, _bytes: bytes_permit };
+                let ack = PubsubAck {
+                    handler,
+                    stats: Arc::clone(&stats),
+                    _message: message_permit,
+                    _bytes: bytes_permit,
+                };
                 let [a, b] = AckPart::split::<2>(Box::new(ack));
-                let sent = outputs[0].send(Envelope { record: Arc::clone(&record), ack: a }).await.is_ok()
+                let sent = outputs[0]
+                    .send(Envelope {
+                        record: Arc::clone(&record),
+                        ack: a,
+                    })
+                    .await
+                    .is_ok()
                     && outputs[1].send(Envelope { record, ack: b }).await.is_ok();
                 if !sent {
                     break 'streams Err(SourceError::PipelineClosed);

@@ -84,7 +84,10 @@ pub struct DecodeError {
 
 impl DecodeError {
     pub(crate) fn new(kind: DecodeErrorKind, message: impl Into<String>) -> Self {
-        DecodeError { kind, message: message.into() }
+        DecodeError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 

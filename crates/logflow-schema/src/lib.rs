@@ -41,7 +41,7 @@ pub(crate) mod testutil {
         let dir = std::env::temp_dir().join(format!("logflow-schema-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), source).unwrap();
-        let r = Registry::from_proto_dirs(&[dir.clone()]);
+        let r = Registry::from_proto_dirs(std::slice::from_ref(&dir));
         std::fs::remove_dir_all(&dir).unwrap();
         r.expect("test schema compiles")
     }

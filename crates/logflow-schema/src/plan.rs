@@ -11,8 +11,14 @@ use crate::table::METADATA_COLUMNS;
 use crate::wkt::{Wkt, classify};
 
 /// BigQuery prefixes that no column name may start with (case-insensitive).
-const RESERVED_PREFIXES: [&str; 6] =
-    ["_table_", "_file_", "_partition", "_row_timestamp", "__root__", "_colidentifier"];
+const RESERVED_PREFIXES: [&str; 6] = [
+    "_table_",
+    "_file_",
+    "_partition",
+    "_row_timestamp",
+    "__root__",
+    "_colidentifier",
+];
 /// BigQuery's maximum column-name length.
 const MAX_NAME_LEN: usize = 300;
 /// BigQuery's maximum number of columns in a table, nested ones included.
@@ -34,7 +40,10 @@ pub(crate) enum Shape {
     FieldMask,
     Record(MessagePlan),
     /// Map entries as `{key, value}` records; `value` is `None` when it maps to no column.
-    Map { key: Kind, value: Option<Box<Shape>> },
+    Map {
+        key: Kind,
+        value: Option<Box<Shape>>,
+    },
 }
 
 /// One column of a record.
@@ -61,7 +70,11 @@ impl MessagePlan {
         for f in &plan.fields {
             let lower = f.field.name().to_ascii_lowercase();
             if METADATA_COLUMNS.iter().any(|(m, _, _)| *m == lower) {
-                return Err(invalid(md, &f.field, "collides with the metadata column of that name; rename the field"));
+                return Err(invalid(
+                    md,
+                    &f.field,
+                    "collides with the metadata column of that name; rename the field",
+                ));
             }
         }
         let columns = plan.count_columns() + METADATA_COLUMNS.len();
@@ -69,7 +82,9 @@ impl MessagePlan {
             return Err(SchemaError::InvalidField {
                 message_type: md.full_name().to_string(),
                 field: "*".to_string(),
-                reason: format!("maps to {columns} columns, over BigQuery's limit of {MAX_COLUMNS}"),
+                reason: format!(
+                    "maps to {columns} columns, over BigQuery's limit of {MAX_COLUMNS}"
+                ),
             });
         }
         Ok(plan)
@@ -112,16 +127,26 @@ fn plan_message(
         let name = fd.name();
         let lower = name.to_ascii_lowercase();
         if name.len() > MAX_NAME_LEN {
-            return Err(invalid(md, &fd, "name is longer than BigQuery's 300 characters"));
+            return Err(invalid(
+                md,
+                &fd,
+                "name is longer than BigQuery's 300 characters",
+            ));
         }
         if let Some(p) = RESERVED_PREFIXES.iter().find(|p| lower.starts_with(**p)) {
-            return Err(invalid(md, &fd, &format!("name starts with BigQuery's reserved prefix `{p}`")));
+            return Err(invalid(
+                md,
+                &fd,
+                &format!("name starts with BigQuery's reserved prefix `{p}`"),
+            ));
         }
         if let Some(other) = seen.insert(lower, name.to_string()) {
             return Err(invalid(
                 md,
                 &fd,
-                &format!("differs from field `{other}` only in case; BigQuery names are case-insensitive"),
+                &format!(
+                    "differs from field `{other}` only in case; BigQuery names are case-insensitive"
+                ),
             ));
         }
         let shape = if fd.is_map() {
@@ -139,7 +164,12 @@ fn plan_message(
         };
         if let Some(shape) = shape {
             let json_key = format!("\"{name}\":").into_bytes().into_boxed_slice();
-            fields.push(FieldPlan { repeated: fd.is_list(), field: fd, json_key, shape });
+            fields.push(FieldPlan {
+                repeated: fd.is_list(),
+                field: fd,
+                json_key,
+                shape,
+            });
         }
     }
     Ok(MessagePlan { fields })
@@ -147,7 +177,11 @@ fn plan_message(
 
 /// The shape of a value of `kind` whose RECORD (if it is one) would sit at `level`.
 /// `None`: the value maps to no column (Empty, or a message without columns).
-fn kind_shape(kind: &Kind, level: usize, path: &mut Vec<String>) -> Result<Option<Shape>, SchemaError> {
+fn kind_shape(
+    kind: &Kind,
+    level: usize,
+    path: &mut Vec<String>,
+) -> Result<Option<Shape>, SchemaError> {
     let md = match kind {
         Kind::Message(md) => md,
         Kind::Enum(ed) => return Ok(Some(Shape::Enum(ed.clone()))),
@@ -169,7 +203,11 @@ fn kind_shape(kind: &Kind, level: usize, path: &mut Vec<String>) -> Result<Optio
                 let sub = plan_message(md, level + 1, path);
                 path.pop();
                 let sub = sub?;
-                if sub.fields.is_empty() { None } else { Some(Shape::Record(sub)) }
+                if sub.fields.is_empty() {
+                    None
+                } else {
+                    Some(Shape::Record(sub))
+                }
             }
         }
     })

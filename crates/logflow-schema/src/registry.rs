@@ -18,7 +18,11 @@ impl Registry {
     /// Compiles every `.proto` file under `dirs` (recursively); imports resolve against `dirs`
     /// and protox's built-in well-known types.
     pub fn from_proto_dirs(dirs: &[PathBuf]) -> Result<Self, SchemaError> {
-        let shown = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ");
+        let shown = dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut files = Vec::new();
         for dir in dirs {
             collect_protos(dir, dir, &mut files).map_err(|e| SchemaError::Compile {
@@ -37,7 +41,9 @@ impl Registry {
         let mut compiler = protox::Compiler::new(dirs).map_err(compile_err)?;
         compiler.include_imports(true).include_source_info(true);
         compiler.open_files(&files).map_err(compile_err)?;
-        Ok(Registry { pool: compiler.descriptor_pool() })
+        Ok(Registry {
+            pool: compiler.descriptor_pool(),
+        })
     }
 
     /// Reads a `FileDescriptorSet` (e.g. `protoc --include_imports --descriptor_set_out`).
@@ -56,10 +62,12 @@ impl Registry {
     /// The descriptor of a message type, by full name (`acme.http.v1.HttpAccessLog`).
     pub fn message(&self, full_name: &str) -> Result<MessageDescriptor, SchemaError> {
         let name = full_name.strip_prefix('.').unwrap_or(full_name);
-        self.pool.get_message_by_name(name).ok_or_else(|| SchemaError::UnknownType {
-            name: name.to_string(),
-            known: self.known_types(8),
-        })
+        self.pool
+            .get_message_by_name(name)
+            .ok_or_else(|| SchemaError::UnknownType {
+                name: name.to_string(),
+                known: self.known_types(8),
+            })
     }
 
     /// Up to `n` message type names that are not well-known types, for error messages.
@@ -78,7 +86,11 @@ impl Registry {
         if more > 0 {
             s.push_str(&format!(" (and {more} more)"));
         }
-        if s.is_empty() { "(none)".to_string() } else { s }
+        if s.is_empty() {
+            "(none)".to_string()
+        } else {
+            s
+        }
     }
 
     /// The underlying descriptor pool.
@@ -108,14 +120,21 @@ mod tests {
     #[test]
     fn compiles_the_sample_schemas() {
         let r = sample_registry();
-        for t in ["acme.http.v1.HttpAccessLog", "acme.payments.v1.PaymentEvent", "acme.auth.v1.AuthEvent"] {
+        for t in [
+            "acme.http.v1.HttpAccessLog",
+            "acme.payments.v1.PaymentEvent",
+            "acme.auth.v1.AuthEvent",
+        ] {
             assert_eq!(r.message(t).unwrap().full_name(), t);
         }
     }
 
     #[test]
     fn unknown_type_lists_known_ones() {
-        let e = sample_registry().message("acme.http.v1.HttpAccesLog").unwrap_err().to_string();
+        let e = sample_registry()
+            .message("acme.http.v1.HttpAccesLog")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("acme.http.v1.HttpAccesLog"), "{e}");
         assert!(e.contains("acme.http.v1.HttpAccessLog"), "{e}");
     }
@@ -124,9 +143,14 @@ mod tests {
     fn a_missing_import_names_the_file() {
         let dir = std::env::temp_dir().join(format!("logflow-schema-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("bad.proto"), "syntax = \"proto3\";\nimport \"nope.proto\";\n")
-            .unwrap();
-        let e = Registry::from_proto_dirs(&[dir.clone()]).unwrap_err().to_string();
+        std::fs::write(
+            dir.join("bad.proto"),
+            "syntax = \"proto3\";\nimport \"nope.proto\";\n",
+        )
+        .unwrap();
+        let e = Registry::from_proto_dirs(std::slice::from_ref(&dir))
+            .unwrap_err()
+            .to_string();
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(e.contains("bad.proto") || e.contains("nope.proto"), "{e}");
     }

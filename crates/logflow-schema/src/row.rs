@@ -1,7 +1,9 @@
 //! Payload bytes → one BigQuery insertAll row (JSON object bytes), per the column plan.
 
 use base64::Engine as _;
-use prost_reflect::{DynamicMessage, Kind, MapKey, MessageDescriptor, ReflectMessage, SerializeOptions, Value};
+use prost_reflect::{
+    DynamicMessage, Kind, MapKey, MessageDescriptor, ReflectMessage, SerializeOptions, Value,
+};
 
 use crate::error::{DecodeError, DecodeErrorKind, SchemaError};
 use logflow_core::json::push_str as push_json_str;
@@ -49,7 +51,12 @@ impl RowEncoder {
     }
 
     /// Decodes `payload` and appends its row to `out`. On error `out` is left as it was.
-    pub fn encode(&self, meta: &RowMeta<'_>, payload: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    pub fn encode(
+        &self,
+        meta: &RowMeta<'_>,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), DecodeError> {
         let msg = DynamicMessage::decode(self.descriptor.clone(), payload)
             .map_err(|e| DecodeError::new(DecodeErrorKind::InvalidProtobuf, e.to_string()))?;
         let start = out.len();
@@ -60,7 +67,12 @@ impl RowEncoder {
         r
     }
 
-    fn write_row(&self, meta: &RowMeta<'_>, msg: &DynamicMessage, out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    fn write_row(
+        &self,
+        meta: &RowMeta<'_>,
+        msg: &DynamicMessage,
+        out: &mut Vec<u8>,
+    ) -> Result<(), DecodeError> {
         let mut ts = String::with_capacity(28);
         out.extend_from_slice(b"{\"_message_id\":");
         push_json_str(out, meta.message_id);
@@ -97,7 +109,12 @@ impl RowEncoder {
 }
 
 /// Writes the plan's columns of `msg`; `first` says whether no key precedes them in the object.
-fn write_fields(plan: &MessagePlan, msg: &DynamicMessage, out: &mut Vec<u8>, mut first: bool) -> Result<(), DecodeError> {
+fn write_fields(
+    plan: &MessagePlan,
+    msg: &DynamicMessage,
+    out: &mut Vec<u8>,
+    mut first: bool,
+) -> Result<(), DecodeError> {
     for f in &plan.fields {
         if f.field.supports_presence() && !msg.has_field(&f.field) {
             continue; // unset with explicit presence: NULL
@@ -178,7 +195,9 @@ fn write_value(shape: &Shape, v: &Value, out: &mut Vec<u8>) -> Result<(), Decode
         Shape::Timestamp => {
             let m = message(v)?;
             let (secs, nanos) = seconds_nanos(m);
-            if !(MIN_TIMESTAMP_SECS..=MAX_TIMESTAMP_SECS).contains(&secs) || !(0..1_000_000_000).contains(&nanos) {
+            if !(MIN_TIMESTAMP_SECS..=MAX_TIMESTAMP_SECS).contains(&secs)
+                || !(0..1_000_000_000).contains(&nanos)
+            {
                 return Err(DecodeError::new(
                     DecodeErrorKind::InvalidValue,
                     format!("Timestamp out of range: seconds={secs} nanos={nanos}"),
@@ -199,7 +218,9 @@ fn write_value(shape: &Shape, v: &Value, out: &mut Vec<u8>) -> Result<(), Decode
             if secs.abs() > MAX_DURATION_SECS || nanos.abs() >= 1_000_000_000 || mixed {
                 return Err(DecodeError::new(
                     DecodeErrorKind::InvalidValue,
-                    format!("Duration out of range or with mixed signs: seconds={secs} nanos={nanos}"),
+                    format!(
+                        "Duration out of range or with mixed signs: seconds={secs} nanos={nanos}"
+                    ),
                 ));
             }
             out.push(b'"');
@@ -217,9 +238,12 @@ fn write_value(shape: &Shape, v: &Value, out: &mut Vec<u8>) -> Result<(), Decode
         }
         Shape::Wrapper(kind) => {
             let m = message(v)?;
-            let inner = m
-                .get_field_by_number(1)
-                .ok_or_else(|| DecodeError::new(DecodeErrorKind::InvalidValue, "wrapper without a value field"))?;
+            let inner = m.get_field_by_number(1).ok_or_else(|| {
+                DecodeError::new(
+                    DecodeErrorKind::InvalidValue,
+                    "wrapper without a value field",
+                )
+            })?;
             write_scalar(kind, &inner, out)
         }
         Shape::Json => {
@@ -239,17 +263,27 @@ fn write_value(shape: &Shape, v: &Value, out: &mut Vec<u8>) -> Result<(), Decode
             out.push(b'}');
             Ok(())
         }
-        Shape::Map { .. } => Err(DecodeError::new(DecodeErrorKind::InvalidValue, "map value outside a map field")),
+        Shape::Map { .. } => Err(DecodeError::new(
+            DecodeErrorKind::InvalidValue,
+            "map value outside a map field",
+        )),
     }
 }
 
 fn message(v: &Value) -> Result<&DynamicMessage, DecodeError> {
-    v.as_message().ok_or_else(|| DecodeError::new(DecodeErrorKind::InvalidValue, "expected a message value"))
+    v.as_message()
+        .ok_or_else(|| DecodeError::new(DecodeErrorKind::InvalidValue, "expected a message value"))
 }
 
 fn seconds_nanos(m: &DynamicMessage) -> (i64, i32) {
-    let secs = m.get_field_by_number(1).and_then(|v| v.as_i64()).unwrap_or(0);
-    let nanos = m.get_field_by_number(2).and_then(|v| v.as_i32()).unwrap_or(0);
+    let secs = m
+        .get_field_by_number(1)
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
+    let nanos = m
+        .get_field_by_number(2)
+        .and_then(|v| v.as_i32())
+        .unwrap_or(0);
     (secs, nanos)
 }
 
@@ -257,9 +291,14 @@ fn proto_json(m: &DynamicMessage) -> Result<String, DecodeError> {
     let opts = SerializeOptions::new().use_proto_field_name(true);
     let mut buf = Vec::with_capacity(64);
     let mut ser = serde_json::Serializer::new(&mut buf);
-    m.serialize_with_options(&mut ser, &opts)
-        .map_err(|e| DecodeError::new(DecodeErrorKind::InvalidValue, format!("{}: {e}", m.descriptor().full_name())))?;
-    String::from_utf8(buf).map_err(|e| DecodeError::new(DecodeErrorKind::InvalidValue, e.to_string()))
+    m.serialize_with_options(&mut ser, &opts).map_err(|e| {
+        DecodeError::new(
+            DecodeErrorKind::InvalidValue,
+            format!("{}: {e}", m.descriptor().full_name()),
+        )
+    })?;
+    String::from_utf8(buf)
+        .map_err(|e| DecodeError::new(DecodeErrorKind::InvalidValue, e.to_string()))
 }
 
 fn write_scalar(kind: &Kind, v: &Value, out: &mut Vec<u8>) -> Result<(), DecodeError> {
@@ -418,17 +457,29 @@ mod tests {
             m.set_field_by_name("r", Value::List(vec![Value::I64(1), Value::I64(2)]));
             let mut map = std::collections::HashMap::new();
             map.insert(MapKey::String("z".into()), Value::Message(sub(&md, "last")));
-            map.insert(MapKey::String("a".into()), Value::Message(sub(&md, "first")));
+            map.insert(
+                MapKey::String("a".into()),
+                Value::Message(sub(&md, "first")),
+            );
             m.set_field_by_name("m", Value::Map(map));
             let pool = md.parent_pool();
-            let mut ts = DynamicMessage::new(pool.get_message_by_name("google.protobuf.Timestamp").unwrap());
+            let mut ts = DynamicMessage::new(
+                pool.get_message_by_name("google.protobuf.Timestamp")
+                    .unwrap(),
+            );
             ts.set_field_by_name("seconds", Value::I64(1_795_770_000));
             ts.set_field_by_name("nanos", Value::I32(123_456_789));
             m.set_field_by_name("ts", Value::Message(ts));
-            let mut du = DynamicMessage::new(pool.get_message_by_name("google.protobuf.Duration").unwrap());
+            let mut du = DynamicMessage::new(
+                pool.get_message_by_name("google.protobuf.Duration")
+                    .unwrap(),
+            );
             du.set_field_by_name("nanos", Value::I32(-1));
             m.set_field_by_name("du", Value::Message(du));
-            let mut w = DynamicMessage::new(pool.get_message_by_name("google.protobuf.StringValue").unwrap());
+            let mut w = DynamicMessage::new(
+                pool.get_message_by_name("google.protobuf.StringValue")
+                    .unwrap(),
+            );
             w.set_field_by_name("value", Value::String("wrapped".into()));
             m.set_field_by_name("w", Value::Message(w));
             m.set_field_by_name("sub", Value::Message(sub(&md, "nested")));
@@ -454,8 +505,14 @@ mod tests {
         assert_eq!(row["du"], "-0.000000001");
         assert_eq!(row["w"], "wrapped");
         assert_eq!(row["sub"], json!({"name": "nested"}));
-        assert_eq!(row["opt"], "", "proto3 optional set to its default is present");
-        assert_eq!(row["right"], 0, "a set oneof member is present even at its default");
+        assert_eq!(
+            row["opt"], "",
+            "proto3 optional set to its default is present"
+        );
+        assert_eq!(
+            row["right"], 0,
+            "a set oneof member is present even at its default"
+        );
         assert!(row.get("left").is_none());
     }
 
@@ -486,7 +543,10 @@ mod tests {
     fn out_of_range_timestamp_is_invalid_value() {
         let e = encode(|m| {
             let pool = m.descriptor().parent_pool().clone();
-            let mut ts = DynamicMessage::new(pool.get_message_by_name("google.protobuf.Timestamp").unwrap());
+            let mut ts = DynamicMessage::new(
+                pool.get_message_by_name("google.protobuf.Timestamp")
+                    .unwrap(),
+            );
             ts.set_field_by_name("seconds", Value::I64(MAX_TIMESTAMP_SECS + 1));
             m.set_field_by_name("ts", Value::Message(ts));
         })

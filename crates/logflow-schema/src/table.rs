@@ -42,7 +42,11 @@ pub(crate) fn scalar_type(kind: &Kind) -> &'static str {
 }
 
 fn field_schema(f: &FieldPlan) -> Value {
-    let mode = if f.repeated || matches!(f.shape, Shape::Map { .. }) { "REPEATED" } else { "NULLABLE" };
+    let mode = if f.repeated || matches!(f.shape, Shape::Map { .. }) {
+        "REPEATED"
+    } else {
+        "NULLABLE"
+    };
     column(f.field.name(), &f.shape, mode)
 }
 
@@ -58,7 +62,8 @@ fn column(name: &str, shape: &Shape, mode: &str) -> Value {
             return json!({"name": name, "type": "RECORD", "mode": mode, "fields": fields});
         }
         Shape::Map { key, value, .. } => {
-            let mut fields = vec![json!({"name": "key", "type": scalar_type(key), "mode": "NULLABLE"})];
+            let mut fields =
+                vec![json!({"name": "key", "type": scalar_type(key), "mode": "NULLABLE"})];
             if let Some(v) = value {
                 fields.push(column("value", v, "NULLABLE"));
             }
@@ -74,7 +79,12 @@ mod tests {
     use crate::testutil::{registry_from_source, sample_registry};
 
     fn field<'a>(schema: &'a Value, name: &str) -> &'a Value {
-        schema["fields"].as_array().unwrap().iter().find(|f| f["name"] == name).unwrap()
+        schema["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap()
     }
 
     #[test]
@@ -99,11 +109,30 @@ mod tests {
         );
         let s = table_schema(&r.message("t.All").unwrap()).unwrap();
         let expect = [
-            ("a", "INT64"), ("b", "INT64"), ("c", "INT64"), ("d", "INT64"), ("e", "INT64"),
-            ("f", "INT64"), ("g", "INT64"), ("h", "INT64"), ("i", "NUMERIC"), ("j", "NUMERIC"),
-            ("k", "FLOAT64"), ("l", "FLOAT64"), ("m", "BOOL"), ("n", "STRING"), ("o", "BYTES"),
-            ("p", "STRING"), ("q", "STRING"), ("r", "RECORD"), ("s", "TIMESTAMP"),
-            ("t", "NUMERIC"), ("u", "INT64"), ("v", "JSON"), ("w", "JSON"), ("x", "STRING"),
+            ("a", "INT64"),
+            ("b", "INT64"),
+            ("c", "INT64"),
+            ("d", "INT64"),
+            ("e", "INT64"),
+            ("f", "INT64"),
+            ("g", "INT64"),
+            ("h", "INT64"),
+            ("i", "NUMERIC"),
+            ("j", "NUMERIC"),
+            ("k", "FLOAT64"),
+            ("l", "FLOAT64"),
+            ("m", "BOOL"),
+            ("n", "STRING"),
+            ("o", "BYTES"),
+            ("p", "STRING"),
+            ("q", "STRING"),
+            ("r", "RECORD"),
+            ("s", "TIMESTAMP"),
+            ("t", "NUMERIC"),
+            ("u", "INT64"),
+            ("v", "JSON"),
+            ("w", "JSON"),
+            ("x", "STRING"),
             ("y", "RECORD"),
         ];
         for (name, ty) in expect {
@@ -120,11 +149,23 @@ mod tests {
     fn metadata_columns_come_first() {
         let r = sample_registry();
         let s = table_schema(&r.message("acme.http.v1.HttpAccessLog").unwrap()).unwrap();
-        let names: Vec<&str> =
-            s["fields"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = s["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
         assert_eq!(
             &names[..7],
-            &["_message_id", "_publish_time", "_attributes", "_subscription", "_message_type", "_ingest_time", "time"]
+            &[
+                "_message_id",
+                "_publish_time",
+                "_attributes",
+                "_subscription",
+                "_message_type",
+                "_ingest_time",
+                "time"
+            ]
         );
         assert_eq!(field(&s, "_message_id")["mode"], "REQUIRED");
     }

@@ -2,8 +2,8 @@
 //! calls logflow makes itself. Pub/Sub and Storage SDK clients use ADC on their own.
 
 use google_cloud_auth::credentials::{AccessTokenCredentials, Builder};
-use logflow_core::auth::BoxFuture;
 use logflow_core::TokenProvider;
+use logflow_core::auth::BoxFuture;
 
 /// OAuth scope covering BigQuery and Cloud Storage.
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -25,6 +25,12 @@ impl AdcTokens {
 
 impl TokenProvider for AdcTokens {
     fn token(&self) -> BoxFuture<'_, Result<Option<String>, String>> {
-        Box::pin(async move { self.0.access_token().await.map(|t| Some(t.token)).map_err(|e| e.to_string()) })
+        Box::pin(async move {
+            self.0
+                .access_token()
+                .await
+                .map(|t| Some(t.token))
+                .map_err(|e| e.to_string())
+        })
     }
 }

@@ -151,13 +151,25 @@ fn default_dead_letter_prefix() -> String {
     "dead-letter".to_string()
 }
 fn default_bq_batch() -> BatchLimits {
-    BatchLimits { max_items: 500, max_bytes: 5 * MIB, max_age: Duration::from_secs(1) }
+    BatchLimits {
+        max_items: 500,
+        max_bytes: 5 * MIB,
+        max_age: Duration::from_secs(1),
+    }
 }
 fn default_archive_batch() -> BatchLimits {
-    BatchLimits { max_items: 25_000, max_bytes: 64 * MIB, max_age: Duration::from_secs(60) }
+    BatchLimits {
+        max_items: 25_000,
+        max_bytes: 64 * MIB,
+        max_age: Duration::from_secs(60),
+    }
 }
 fn default_dead_letter_batch() -> BatchLimits {
-    BatchLimits { max_items: 5_000, max_bytes: 16 * MIB, max_age: Duration::from_secs(10) }
+    BatchLimits {
+        max_items: 5_000,
+        max_bytes: 16 * MIB,
+        max_age: Duration::from_secs(10),
+    }
 }
 
 /// A configuration error, naming the field.
@@ -174,11 +186,21 @@ impl Config {
     /// Reads, parses and validates `path`. Relative schema paths become relative to the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError { file: file.clone(), message: format!("cannot read: {e}") })?;
-        let mut cfg = Config::parse(&text).map_err(|message| ConfigError { file: file.clone(), message })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut cfg = Config::parse(&text).map_err(|message| ConfigError {
+            file: file.clone(),
+            message,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in cfg.schemas.proto_dirs.iter_mut().chain(cfg.schemas.descriptor_sets.iter_mut()) {
+        for p in cfg
+            .schemas
+            .proto_dirs
+            .iter_mut()
+            .chain(cfg.schemas.descriptor_sets.iter_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -192,12 +214,16 @@ impl Config {
         let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            if path == "." { inner } else { format!("{path}: {inner}") }
-        })?;
-        if let Ok(p) = std::env::var("LOGFLOW_PROJECT") {
-            if !p.is_empty() {
-                cfg.project = p;
+            if path == "." {
+                inner
+            } else {
+                format!("{path}: {inner}")
             }
+        })?;
+        if let Ok(p) = std::env::var("LOGFLOW_PROJECT")
+            && !p.is_empty()
+        {
+            cfg.project = p;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -220,14 +246,28 @@ impl Config {
         for (i, p) in self.pipelines.iter().enumerate() {
             let at = format!("pipelines[{i}]");
             let nonempty = |field: &str, v: &str| {
-                if v.trim().is_empty() { Err(format!("{at}.{field}: must not be empty")) } else { Ok(()) }
+                if v.trim().is_empty() {
+                    Err(format!("{at}.{field}: must not be empty"))
+                } else {
+                    Ok(())
+                }
             };
             nonempty("name", &p.name)?;
-            if !p.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(format!("{at}.name: `{}` may only use letters, digits, '-' and '_'", p.name));
+            if !p
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "{at}.name: `{}` may only use letters, digits, '-' and '_'",
+                    p.name
+                ));
             }
             if !names.insert(p.name.as_str()) {
-                return Err(format!("{at}.name: `{}` is used by another pipeline; names must be unique", p.name));
+                return Err(format!(
+                    "{at}.name: `{}` is used by another pipeline; names must be unique",
+                    p.name
+                ));
             }
             nonempty("subscription", &p.subscription)?;
             nonempty("message_type", &p.message_type)?;
@@ -237,13 +277,17 @@ impl Config {
             nonempty("dead_letter.bucket", &p.dead_letter.bucket)?;
             p.bigquery.batch.validate(&format!("{at}.bigquery.batch"))?;
             p.archive.batch.validate(&format!("{at}.archive.batch"))?;
-            p.dead_letter.batch.validate(&format!("{at}.dead_letter.batch"))?;
+            p.dead_letter
+                .batch
+                .validate(&format!("{at}.dead_letter.batch"))?;
             if p.bigquery.concurrency == 0 {
                 return Err(format!("{at}.bigquery.concurrency: must be at least 1"));
             }
             let fc = &p.flow_control;
             if fc.max_outstanding_messages == 0 || fc.max_outstanding_bytes == 0 {
-                return Err(format!("{at}.flow_control: max_outstanding_messages and max_outstanding_bytes must be at least 1"));
+                return Err(format!(
+                    "{at}.flow_control: max_outstanding_messages and max_outstanding_bytes must be at least 1"
+                ));
             }
             // A batch must be able to fill while the rest of the pipeline holds messages too;
             // otherwise every flush waits for max_age and throughput collapses.
@@ -260,9 +304,12 @@ impl Config {
                 ));
             }
             if !(10..=600).contains(&fc.lease_extension.as_secs()) {
-                return Err(format!("{at}.flow_control.lease_extension: must be between 10s and 600s (Pub/Sub's ack deadline range)"));
+                return Err(format!(
+                    "{at}.flow_control.lease_extension: must be between 10s and 600s (Pub/Sub's ack deadline range)"
+                ));
             }
-            let worst = p.archive.batch.max_age.max(p.dead_letter.batch.max_age) + self.retry.max_elapsed;
+            let worst =
+                p.archive.batch.max_age.max(p.dead_letter.batch.max_age) + self.retry.max_elapsed;
             if fc.max_lease <= worst {
                 return Err(format!(
                     "{at}.flow_control.max_lease ({}) must exceed the longest batch age plus retry.max_elapsed ({}), or messages would be redelivered while still being written",
@@ -308,7 +355,10 @@ pipelines:
         let p = &c.pipelines[0];
         assert_eq!(p.archive.prefix, "raw");
         assert_eq!(p.bigquery.batch.max_items, 500);
-        assert_eq!(p.subscription_path("p"), "projects/p/subscriptions/http-sub");
+        assert_eq!(
+            p.subscription_path("p"),
+            "projects/p/subscriptions/http-sub"
+        );
         assert_eq!(c.shutdown_grace, Duration::from_secs(25));
     }
 
@@ -319,15 +369,45 @@ pipelines:
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (GOOD.replace("table: http", "table: http, tabel: x"), "pipelines[0].bigquery: unknown field `tabel`"),
-            (GOOD.replace("    subscription: http-sub\n", ""), "missing field `subscription`"),
-            (GOOD.replace("bucket: raw", "bucket: raw, batch: { max_items: 10, max_bytes: 10, max_age: soon }"), "pipelines[0].archive.batch.max_age"),
-            (GOOD.replace("bucket: raw", "bucket: \"\""), "pipelines[0].archive.bucket: must not be empty"),
-            (GOOD.replace("name: http", "name: \"a b\""), "pipelines[0].name"),
-            (format!("{GOOD}    flow_control: {{ max_outstanding_messages: 100 }}\n"), "pipelines[0].archive.batch.max_items"),
-            (format!("{GOOD}    flow_control: {{ lease_extension: 5s }}\n"), "lease_extension"),
-            (format!("{GOOD}    flow_control: {{ max_lease: 30s }}\n"), "max_lease"),
-            (GOOD.replace("project: p", "project: p\nextra: 1"), "unknown field `extra`"),
+            (
+                GOOD.replace("table: http", "table: http, tabel: x"),
+                "pipelines[0].bigquery: unknown field `tabel`",
+            ),
+            (
+                GOOD.replace("    subscription: http-sub\n", ""),
+                "missing field `subscription`",
+            ),
+            (
+                GOOD.replace(
+                    "bucket: raw",
+                    "bucket: raw, batch: { max_items: 10, max_bytes: 10, max_age: soon }",
+                ),
+                "pipelines[0].archive.batch.max_age",
+            ),
+            (
+                GOOD.replace("bucket: raw", "bucket: \"\""),
+                "pipelines[0].archive.bucket: must not be empty",
+            ),
+            (
+                GOOD.replace("name: http", "name: \"a b\""),
+                "pipelines[0].name",
+            ),
+            (
+                format!("{GOOD}    flow_control: {{ max_outstanding_messages: 100 }}\n"),
+                "pipelines[0].archive.batch.max_items",
+            ),
+            (
+                format!("{GOOD}    flow_control: {{ lease_extension: 5s }}\n"),
+                "lease_extension",
+            ),
+            (
+                format!("{GOOD}    flow_control: {{ max_lease: 30s }}\n"),
+                "max_lease",
+            ),
+            (
+                GOOD.replace("project: p", "project: p\nextra: 1"),
+                "unknown field `extra`",
+            ),
         ];
         for (yaml, needle) in cases {
             let e = err(&yaml);
@@ -337,11 +417,12 @@ pipelines:
 
     #[test]
     fn duplicate_pipeline_names_are_refused() {
-        let two = format!(
-            "{GOOD}{}",
-            GOOD.split("pipelines:\n").nth(1).unwrap()
+        let two = format!("{GOOD}{}", GOOD.split("pipelines:\n").nth(1).unwrap());
+        assert!(
+            err(&two).contains("pipelines[1].name: `http` is used by another pipeline"),
+            "{}",
+            err(&two)
         );
-        assert!(err(&two).contains("pipelines[1].name: `http` is used by another pipeline"), "{}", err(&two));
     }
 
     #[test]

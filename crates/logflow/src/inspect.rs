@@ -2,7 +2,6 @@
 //! and GCS. Meant for people (the demo's summary) and for checks after a run.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use anyhow::Context as _;
 use logflow_gcs::{archive, deadletter};
@@ -47,27 +46,56 @@ pub async fn inspect(cfg: &Config, clients: &Clients) -> anyhow::Result<Vec<Pipe
         let table = format!("{}.{}", p.bigquery.dataset, p.bigquery.table);
         let counts = clients
             .bq
-            .query(&format!("SELECT COUNT(*), COUNT(DISTINCT _message_id) FROM {table}"))
+            .query(&format!(
+                "SELECT COUNT(*), COUNT(DISTINCT _message_id) FROM {table}"
+            ))
             .await
             .with_context(|| format!("counting rows of {table}"))?;
         let cell = |i: usize| -> u64 {
-            counts.first().and_then(|r| r.get(i)).and_then(|v| v.as_ref()).and_then(|v| v.as_str()).and_then(|s| s.parse().ok()).unwrap_or(0)
+            counts
+                .first()
+                .and_then(|r| r.get(i))
+                .and_then(|v| v.as_ref())
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
         };
-        let mut report = PipelineReport { name: p.name.clone(), table, rows: cell(0), distinct_ids: cell(1), ..Default::default() };
+        let mut report = PipelineReport {
+            name: p.name.clone(),
+            table,
+            rows: cell(0),
+            distinct_ids: cell(1),
+            ..Default::default()
+        };
         let prefix = |pre: &str| {
             let pre = pre.trim_matches('/');
-            if pre.is_empty() { format!("{short}/") } else { format!("{pre}/{short}/") }
+            if pre.is_empty() {
+                format!("{short}/")
+            } else {
+                format!("{pre}/{short}/")
+            }
         };
-        for obj in clients.gcs.list(&p.archive.bucket, &prefix(&p.archive.prefix)).await? {
+        for obj in clients
+            .gcs
+            .list(&p.archive.bucket, &prefix(&p.archive.prefix))
+            .await?
+        {
             let file = clients.gcs.get(&p.archive.bucket, &obj.name).await?;
             report.archive_objects += 1;
             report.archive_messages += archive::decode(file)?.len();
         }
-        for obj in clients.gcs.list(&p.dead_letter.bucket, &prefix(&p.dead_letter.prefix)).await? {
+        for obj in clients
+            .gcs
+            .list(&p.dead_letter.bucket, &prefix(&p.dead_letter.prefix))
+            .await?
+        {
             let file = clients.gcs.get(&p.dead_letter.bucket, &obj.name).await?;
             report.dead_letter_objects += 1;
             for line in deadletter::decode(&file)? {
-                *report.dead_letters_by_class.entry(line.error_class).or_default() += 1;
+                *report
+                    .dead_letters_by_class
+                    .entry(line.error_class)
+                    .or_default() += 1;
             }
         }
         out.push(report);
@@ -77,17 +105,18 @@ pub async fn inspect(cfg: &Config, clients: &Clients) -> anyhow::Result<Vec<Pipe
 
 /// A table for people.
 pub fn render(reports: &[PipelineReport]) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<12} {:<28} {:>9} {:>6} {:>9} {:>9} {:>9}  dead letters by class",
+    let mut s = format!(
+        "{:<12} {:<28} {:>9} {:>6} {:>9} {:>9} {:>9}  dead letters by class\n",
         "pipeline", "bigquery table", "rows", "dups", "archived", "objects", "dead"
     );
     for r in reports {
-        let classes: Vec<String> = r.dead_letters_by_class.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let _ = writeln!(
-            s,
-            "{:<12} {:<28} {:>9} {:>6} {:>9} {:>9} {:>9}  {}",
+        let classes: Vec<String> = r
+            .dead_letters_by_class
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        s += &format!(
+            "{:<12} {:<28} {:>9} {:>6} {:>9} {:>9} {:>9}  {}\n",
             r.name,
             r.table,
             r.rows,
@@ -95,7 +124,11 @@ pub fn render(reports: &[PipelineReport]) -> String {
             r.archive_messages,
             r.archive_objects + r.dead_letter_objects,
             r.dead_letters(),
-            if classes.is_empty() { "-".to_string() } else { classes.join(", ") }
+            if classes.is_empty() {
+                "-".to_string()
+            } else {
+                classes.join(", ")
+            }
         );
     }
     s

@@ -13,7 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
-#[command(name = "logflow", version, about = "Pub/Sub protobuf logs to GCS and BigQuery, nothing lost")]
+#[command(
+    name = "logflow",
+    version,
+    about = "Pub/Sub protobuf logs to GCS and BigQuery, nothing lost"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,7 +71,9 @@ enum Command {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("LOGFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("LOGFLOW_LOG_FORMAT").is_ok_and(|v| v == "json") {
         builder.json().init();
     } else {
@@ -79,7 +85,10 @@ fn main() -> ExitCode {
     init_tracing();
     logflow::install_crypto_provider();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("logflow: cannot start the async runtime: {e}");
@@ -106,11 +115,20 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}: ok", config.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Publish { topic, project, message_type, schemas, count, malformed_fraction, seed } => {
+        Command::Publish {
+            topic,
+            project,
+            message_type,
+            schemas,
+            count,
+            malformed_fraction,
+            seed,
+        } => {
             let topic = if topic.starts_with("projects/") {
                 topic
             } else {
-                let project = project.context("--project (or LOGFLOW_PROJECT) is needed with a topic id")?;
+                let project =
+                    project.context("--project (or LOGFLOW_PROJECT) is needed with a topic id")?;
                 format!("projects/{project}/topics/{topic}")
             };
             let registry = logflow_schema::Registry::from_proto_dirs(&[schemas])?;
@@ -121,8 +139,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let bytes: usize = samples.iter().map(|s| s.payload.len()).sum();
             let endpoints = Endpoints::from_env();
             let publisher = publish::publisher(&topic, endpoints.pubsub.as_deref()).await?;
-            let ids = publish::publish_all(&publisher, samples.into_iter().map(|s| (s.payload, Vec::new()))).await?;
-            println!("published {} messages ({malformed} malformed, {bytes} payload bytes) of {message_type} to {topic}", ids.len());
+            let ids = publish::publish_all(
+                &publisher,
+                samples.into_iter().map(|s| (s.payload, Vec::new())),
+            )
+            .await?;
+            println!(
+                "published {} messages ({malformed} malformed, {bytes} payload bytes) of {message_type} to {topic}",
+                ids.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { config } => {
@@ -172,7 +197,10 @@ fn finish(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Resu
 /// Resolves on SIGTERM or SIGINT, with the signal's name.
 async fn signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers, never resolve: the worker runs until killed.
         return std::future::pending().await;
     };

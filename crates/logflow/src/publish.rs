@@ -11,9 +11,13 @@ const IN_FLIGHT: usize = 1000;
 pub async fn publisher(topic: &str, emulator: Option<&str>) -> anyhow::Result<Publisher> {
     let mut b = Publisher::builder(topic.to_string());
     if let Some(ep) = emulator {
-        b = b.with_endpoint(ep).with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+        b = b
+            .with_endpoint(ep)
+            .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
     }
-    b.build().await.with_context(|| format!("publisher for {topic}"))
+    b.build()
+        .await
+        .with_context(|| format!("publisher for {topic}"))
 }
 
 /// Publishes every payload with its attributes; returns the message ids, in order.

@@ -42,33 +42,75 @@ pub struct SampleGen {
     now_secs: i64,
 }
 
-const PATHS: &[&str] = &["/api/v1/orders", "/api/v1/orders/{id}", "/api/v1/cart", "/healthz", "/api/v2/search", "/login", "/static/app.js"];
+const PATHS: &[&str] = &[
+    "/api/v1/orders",
+    "/api/v1/orders/{id}",
+    "/api/v1/cart",
+    "/healthz",
+    "/api/v2/search",
+    "/login",
+    "/static/app.js",
+];
 const AGENTS: &[&str] = &[
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0 Safari/537.36",
     "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
     "curl/8.10.1",
     "okhttp/4.12.0",
 ];
-const SERVICES: &[&str] = &["checkout", "payments", "identity", "catalog", "search", "edge-gateway"];
-const STATUSES: &[i64] = &[200, 200, 200, 200, 201, 204, 301, 304, 400, 401, 404, 429, 500, 503];
-const WORDS: &[&str] = &["alpha", "bravo", "delta", "echo", "gamma", "kilo", "lima", "omega", "sierra", "tango"];
-const MAP_KEYS: &[&str] = &["team", "region", "canary", "accept", "content-type", "x-request-id", "os", "browser", "fraud_v3", "velocity"];
+const SERVICES: &[&str] = &[
+    "checkout",
+    "payments",
+    "identity",
+    "catalog",
+    "search",
+    "edge-gateway",
+];
+const STATUSES: &[i64] = &[
+    200, 200, 200, 200, 201, 204, 301, 304, 400, 401, 404, 429, 500, 503,
+];
+const WORDS: &[&str] = &[
+    "alpha", "bravo", "delta", "echo", "gamma", "kilo", "lima", "omega", "sierra", "tango",
+];
+const MAP_KEYS: &[&str] = &[
+    "team",
+    "region",
+    "canary",
+    "accept",
+    "content-type",
+    "x-request-id",
+    "os",
+    "browser",
+    "fraud_v3",
+    "velocity",
+];
 
 impl SampleGen {
     /// A generator seeded with `seed`, with timestamps around `now_secs`.
     pub fn new(seed: u64, now_secs: i64) -> Self {
-        SampleGen { rng: StdRng::seed_from_u64(seed), now_secs }
+        SampleGen {
+            rng: StdRng::seed_from_u64(seed),
+            now_secs,
+        }
     }
 
     /// `count` samples of `md`, of which about `malformed_fraction` are malformed.
-    pub fn samples(&mut self, md: &MessageDescriptor, count: usize, malformed_fraction: f64) -> Vec<Sample> {
+    pub fn samples(
+        &mut self,
+        md: &MessageDescriptor,
+        count: usize,
+        malformed_fraction: f64,
+    ) -> Vec<Sample> {
         (0..count)
             .map(|_| {
                 if self.rng.random_bool(malformed_fraction.clamp(0.0, 1.0)) {
                     self.malformed(md)
                 } else {
                     let m = self.message(md);
-                    Sample { payload: m.encode_to_vec(), malformed: None, message: Some(m) }
+                    Sample {
+                        payload: m.encode_to_vec(),
+                        malformed: None,
+                        message: Some(m),
+                    }
                 }
             })
             .collect()
@@ -76,9 +118,15 @@ impl SampleGen {
 
     /// A broken payload of one of the kinds the type allows.
     pub fn malformed(&mut self, md: &MessageDescriptor) -> Sample {
-        let string_field = md.fields().find(|f| matches!(f.kind(), Kind::String) && !f.is_list());
+        let string_field = md
+            .fields()
+            .find(|f| matches!(f.kind(), Kind::String) && !f.is_list());
         let kinds: &[Malformed] = if string_field.is_some() {
-            &[Malformed::InvalidWireType, Malformed::Truncated, Malformed::InvalidUtf8]
+            &[
+                Malformed::InvalidWireType,
+                Malformed::Truncated,
+                Malformed::InvalidUtf8,
+            ]
         } else {
             &[Malformed::InvalidWireType, Malformed::Truncated]
         };
@@ -98,7 +146,11 @@ impl SampleGen {
                 payload.extend_from_slice(&[0x02, 0xc3, 0x28]);
             }
         }
-        Sample { payload, malformed: Some(kind), message: None }
+        Sample {
+            payload,
+            malformed: Some(kind),
+            message: None,
+        }
     }
 
     /// A message with every field set to a plausible value (nested up to a few levels).
@@ -128,7 +180,11 @@ impl SampleGen {
         for oneof in md.oneofs() {
             let members: Vec<FieldDescriptor> = oneof.fields().collect();
             let keep = if oneof.is_synthetic() {
-                if self.rng.random_bool(0.3) { Some(0) } else { None }
+                if self.rng.random_bool(0.3) {
+                    Some(0)
+                } else {
+                    None
+                }
             } else {
                 Some(self.rng.random_range(0..members.len()))
             };
@@ -157,7 +213,9 @@ impl SampleGen {
             let mut map = std::collections::HashMap::new();
             for _ in 0..n {
                 let key = match self.single(&kf, depth + 1)? {
-                    Value::String(s) => MapKey::String(MAP_KEYS.choose(&mut self.rng).map_or(s, |k| k.to_string())),
+                    Value::String(s) => {
+                        MapKey::String(MAP_KEYS.choose(&mut self.rng).map_or(s, |k| k.to_string()))
+                    }
                     Value::I32(v) => MapKey::I32(v),
                     Value::I64(v) => MapKey::I64(v),
                     Value::U32(v) => MapKey::U32(v),
@@ -190,11 +248,20 @@ impl SampleGen {
                 Value::Message(self.message_at(&md, depth + 1))
             }
             Kind::Enum(ed) => {
-                let values: Vec<i32> = ed.values().map(|v| v.number()).filter(|n| *n != 0).collect();
+                let values: Vec<i32> = ed
+                    .values()
+                    .map(|v| v.number())
+                    .filter(|n| *n != 0)
+                    .collect();
                 Value::EnumNumber(values.choose(&mut self.rng).copied().unwrap_or(0))
             }
             Kind::String => Value::String(self.string_for(&name)),
-            Kind::Bytes => Value::Bytes((0..16).map(|_| self.rng.random::<u8>()).collect::<Vec<u8>>().into()),
+            Kind::Bytes => Value::Bytes(
+                (0..16)
+                    .map(|_| self.rng.random::<u8>())
+                    .collect::<Vec<u8>>()
+                    .into(),
+            ),
             Kind::Bool => Value::Bool(self.rng.random_bool(0.5)),
             Kind::Double => Value::F64(self.rng.random::<f64>()),
             Kind::Float => Value::F32(self.rng.random::<f32>()),
@@ -222,7 +289,11 @@ impl SampleGen {
 
     fn string_for(&mut self, name: &str) -> String {
         let r = &mut self.rng;
-        let hex = |r: &mut StdRng, n: usize| (0..n).map(|_| format!("{:x}", r.random_range(0..16u8))).collect::<String>();
+        let hex = |r: &mut StdRng, n: usize| {
+            (0..n)
+                .map(|_| format!("{:x}", r.random_range(0..16u8)))
+                .collect::<String>()
+        };
         let pick = |r: &mut StdRng, xs: &[&str]| xs.choose(r).copied().unwrap_or("x").to_string();
         match name {
             "path" => pick(r, PATHS),
@@ -238,13 +309,31 @@ impl SampleGen {
             "currency" => pick(r, &["EUR", "USD", "GBP", "JPY"]),
             "brand" => pick(r, &["visa", "mastercard", "amex"]),
             "last4" => format!("{:04}", r.random_range(0..10_000)),
-            "iban" => format!("DE{:02}3704004405320130{:02}", r.random_range(10..99), r.random_range(0..99)),
+            "iban" => format!(
+                "DE{:02}3704004405320130{:02}",
+                r.random_range(10..99),
+                r.random_range(0..99)
+            ),
             "wallet" => pick(r, &["apple_pay", "google_pay", "paypal"]),
             "kind" => pick(r, &["processing", "fx", "chargeback"]),
             "failure_reason" => pick(r, &["insufficient_funds", "card_declined", "expired_card"]),
-            "address" => format!("10.{}.{}.{}:8080", r.random_range(0..255), r.random_range(0..255), r.random_range(1..255)),
-            "scopes" => pick(r, &["openid", "profile", "email", "orders:read", "orders:write"]),
-            n if n.ends_with("_ip") => format!("{}.{}.{}.{}", r.random_range(1..224), r.random_range(0..255), r.random_range(0..255), r.random_range(1..255)),
+            "address" => format!(
+                "10.{}.{}.{}:8080",
+                r.random_range(0..255),
+                r.random_range(0..255),
+                r.random_range(1..255)
+            ),
+            "scopes" => pick(
+                r,
+                &["openid", "profile", "email", "orders:read", "orders:write"],
+            ),
+            n if n.ends_with("_ip") => format!(
+                "{}.{}.{}.{}",
+                r.random_range(1..224),
+                r.random_range(0..255),
+                r.random_range(0..255),
+                r.random_range(1..255)
+            ),
             n if n.ends_with("_id") => format!("{}_{}", n.trim_end_matches("_id"), hex(r, 12)),
             _ => format!("{}-{}", pick(r, WORDS), r.random_range(0..1000)),
         }
@@ -261,7 +350,9 @@ fn push_varint(out: &mut Vec<u8>, mut v: u64) {
 
 /// The message type's full name of a sample (for attributes and logs).
 pub fn type_name(s: &Sample) -> Option<String> {
-    s.message.as_ref().map(|m| m.descriptor().full_name().to_string())
+    s.message
+        .as_ref()
+        .map(|m| m.descriptor().full_name().to_string())
 }
 
 #[cfg(test)]
@@ -271,14 +362,25 @@ mod tests {
     use std::path::Path;
 
     fn registry() -> Registry {
-        Registry::from_proto_dirs(&[Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")]).unwrap()
+        Registry::from_proto_dirs(&[Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")])
+            .unwrap()
     }
 
     #[test]
     fn valid_samples_decode_and_every_malformed_kind_fails() {
         let r = registry();
-        let meta = RowMeta { message_id: "1", publish_time_micros: 0, attributes: &[], subscription: "s", ingest_time_micros: 0 };
-        for ty in ["acme.http.v1.HttpAccessLog", "acme.payments.v1.PaymentEvent", "acme.auth.v1.AuthEvent"] {
+        let meta = RowMeta {
+            message_id: "1",
+            publish_time_micros: 0,
+            attributes: &[],
+            subscription: "s",
+            ingest_time_micros: 0,
+        };
+        for ty in [
+            "acme.http.v1.HttpAccessLog",
+            "acme.payments.v1.PaymentEvent",
+            "acme.auth.v1.AuthEvent",
+        ] {
             let md = r.message(ty).unwrap();
             let enc = RowEncoder::new(md.clone()).unwrap();
             let mut g = SampleGen::new(7, 1_795_770_000);
@@ -303,7 +405,11 @@ mod tests {
         // Compared as messages: map fields encode in hash order, so bytes may differ.
         let md = registry().message("acme.auth.v1.AuthEvent").unwrap();
         let draw = |seed| -> Vec<(Option<DynamicMessage>, Option<Malformed>)> {
-            SampleGen::new(seed, 0).samples(&md, 20, 0.1).into_iter().map(|s| (s.message, s.malformed)).collect()
+            SampleGen::new(seed, 0)
+                .samples(&md, 20, 0.1)
+                .into_iter()
+                .map(|s| (s.message, s.malformed))
+                .collect()
         };
         assert!(draw(1) == draw(1), "same seed, different samples");
         assert!(draw(1) != draw(2), "different seeds, same samples");

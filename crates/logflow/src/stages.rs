@@ -73,7 +73,9 @@ pub struct StageContext {
 fn split_by_hour<T>(items: Vec<T>, micros: impl Fn(&T) -> i64) -> Vec<Vec<T>> {
     const HOUR: i64 = 3_600_000_000;
     let hour = |t: &T| micros(t).div_euclid(HOUR);
-    let Some(first) = items.first().map(&hour) else { return Vec::new() };
+    let Some(first) = items.first().map(&hour) else {
+        return Vec::new();
+    };
     if items.iter().all(|t| hour(t) == first) {
         return vec![items];
     }
@@ -86,7 +88,12 @@ fn split_by_hour<T>(items: Vec<T>, micros: impl Fn(&T) -> i64) -> Vec<Vec<T>> {
 
 /// What to do after a failed write: permanent errors stop the stage; transient ones (retries
 /// exhausted) drop the batch, whose messages are then redelivered.
-fn on_write_error<E: Classify + std::fmt::Display>(ctx: &StageContext, what: &str, n: usize, e: E) -> anyhow::Result<()> {
+fn on_write_error<E: Classify + std::fmt::Display>(
+    ctx: &StageContext,
+    what: &str,
+    n: usize,
+    e: E,
+) -> anyhow::Result<()> {
     if e.class() == ErrorClass::Transient {
         warn!(pipeline = %ctx.pipeline, messages = n, error = %e, "{what} failed after retries; messages will be redelivered");
         Ok(())
@@ -97,16 +104,31 @@ fn on_write_error<E: Classify + std::fmt::Display>(ctx: &StageContext, what: &st
 }
 
 /// Archives every message, one Parquet object per batch.
-pub async fn archive_stage(ctx: Arc<StageContext>, out: GcsOutput, mut rx: mpsc::Receiver<Envelope>) -> anyhow::Result<()> {
+pub async fn archive_stage(
+    ctx: Arc<StageContext>,
+    out: GcsOutput,
+    mut rx: mpsc::Receiver<Envelope>,
+) -> anyhow::Result<()> {
     while let Some(batch) = next_batch(&mut rx, &out.limits, |e: &Envelope| e.record.size()).await {
         for group in split_by_hour(batch, |e| e.record.publish_time_micros) {
             let n = group.len();
-            let first = group.iter().map(|e| e.record.publish_time_micros).min().unwrap_or(0);
+            let first = group
+                .iter()
+                .map(|e| e.record.publish_time_micros)
+                .min()
+                .unwrap_or(0);
             let name = out.namer.next(first, archive::EXTENSION);
             let records: Vec<Arc<Record>> = group.iter().map(|e| Arc::clone(&e.record)).collect();
             let sub = Arc::clone(&ctx.subscription);
-            let file = tokio::task::spawn_blocking(move || archive::encode(records.iter().map(|r| &**r), &sub)).await??;
-            match out.gcs.put_new(&out.bucket, &name, file, archive::CONTENT_TYPE, &ctx.stats).await {
+            let file = tokio::task::spawn_blocking(move || {
+                archive::encode(records.iter().map(|r| &**r), &sub)
+            })
+            .await??;
+            match out
+                .gcs
+                .put_new(&out.bucket, &name, file, archive::CONTENT_TYPE, &ctx.stats)
+                .await
+            {
                 Ok(()) => {
                     ctx.stats.add(&ctx.stats.archived, n as u64);
                     group.into_iter().for_each(|e| e.ack.complete());
@@ -256,20 +278,46 @@ async fn insert_batch(
 }
 
 /// Writes failed messages to the dead-letter path, one JSON Lines object per batch.
-pub async fn dead_letter_stage(ctx: Arc<StageContext>, out: GcsOutput, mut rx: mpsc::Receiver<DeadItem>) -> anyhow::Result<()> {
-    while let Some(batch) = next_batch(&mut rx, &out.limits, |d: &DeadItem| d.env.record.size() * 2).await {
+pub async fn dead_letter_stage(
+    ctx: Arc<StageContext>,
+    out: GcsOutput,
+    mut rx: mpsc::Receiver<DeadItem>,
+) -> anyhow::Result<()> {
+    while let Some(batch) =
+        next_batch(&mut rx, &out.limits, |d: &DeadItem| d.env.record.size() * 2).await
+    {
         for group in split_by_hour(batch, |d| d.env.record.publish_time_micros) {
             let n = group.len();
-            let first = group.iter().map(|d| d.env.record.publish_time_micros).min().unwrap_or(0);
+            let first = group
+                .iter()
+                .map(|d| d.env.record.publish_time_micros)
+                .min()
+                .unwrap_or(0);
             let name = out.namer.next(first, deadletter::EXTENSION);
-            let items: Vec<(Arc<Record>, Failure)> =
-                group.iter().map(|d| (Arc::clone(&d.env.record), d.failure.clone())).collect();
+            let items: Vec<(Arc<Record>, Failure)> = group
+                .iter()
+                .map(|d| (Arc::clone(&d.env.record), d.failure.clone()))
+                .collect();
             let sub = Arc::clone(&ctx.subscription);
             let file = tokio::task::spawn_blocking(move || {
-                deadletter::encode(items.iter().map(|(r, f)| (&**r, f)), &sub, logflow_core::time::now_micros())
+                deadletter::encode(
+                    items.iter().map(|(r, f)| (&**r, f)),
+                    &sub,
+                    logflow_core::time::now_micros(),
+                )
             })
             .await??;
-            match out.gcs.put_new(&out.bucket, &name, file, deadletter::CONTENT_TYPE, &ctx.stats).await {
+            match out
+                .gcs
+                .put_new(
+                    &out.bucket,
+                    &name,
+                    file,
+                    deadletter::CONTENT_TYPE,
+                    &ctx.stats,
+                )
+                .await
+            {
                 Ok(()) => {
                     ctx.stats.add(&ctx.stats.dead_lettered, n as u64);
                     group.into_iter().for_each(|d| d.env.ack.complete());

@@ -34,13 +34,17 @@ const DEAD_CHANNEL: usize = 1024;
 pub fn load_registry(cfg: &Config) -> anyhow::Result<Registry> {
     let s = &cfg.schemas;
     if !s.descriptor_sets.is_empty() && !s.proto_dirs.is_empty() {
-        anyhow::bail!("schemas: give proto_dirs or descriptor_sets, not both (merging is not supported yet)");
+        anyhow::bail!(
+            "schemas: give proto_dirs or descriptor_sets, not both (merging is not supported yet)"
+        );
     }
     if let [one] = s.descriptor_sets.as_slice() {
         return Ok(Registry::from_descriptor_set_file(one)?);
     }
     if s.descriptor_sets.len() > 1 {
-        anyhow::bail!("schemas.descriptor_sets: give one file (merge sets with protoc --include_imports)");
+        anyhow::bail!(
+            "schemas.descriptor_sets: give one file (merge sets with protoc --include_imports)"
+        );
     }
     Ok(Registry::from_proto_dirs(&s.proto_dirs)?)
 }
@@ -50,7 +54,9 @@ pub fn check_config(cfg: &Config) -> anyhow::Result<Vec<String>> {
     let registry = load_registry(cfg)?;
     let mut lines = Vec::new();
     for (i, p) in cfg.pipelines.iter().enumerate() {
-        let md = registry.message(&p.message_type).with_context(|| format!("pipelines[{i}].message_type"))?;
+        let md = registry
+            .message(&p.message_type)
+            .with_context(|| format!("pipelines[{i}].message_type"))?;
         let schema = table_schema(&md).with_context(|| format!("pipelines[{i}].message_type"))?;
         let columns = schema["fields"].as_array().map_or(0, Vec::len);
         lines.push(format!(
@@ -69,7 +75,11 @@ pub fn worker_id() -> String {
         .or_else(|_| std::env::var("POD_NAME"))
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| "logflow".to_string());
-    let base: String = base.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(48).collect();
+    let base: String = base
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(48)
+        .collect();
     format!("{base}-{:08x}", rand::random::<u32>())
 }
 
@@ -90,9 +100,22 @@ impl Clients {
         let adc = || -> anyhow::Result<Arc<dyn TokenProvider>> {
             Ok(Arc::new(AdcTokens::new().map_err(|e| anyhow::anyhow!("{e}: run `gcloud auth application-default login` locally, or use Workload Identity on GKE"))?))
         };
-        let gcs_tokens: Arc<dyn TokenProvider> = if endpoints.storage.is_some() { Arc::new(NoAuth) } else { adc()? };
-        let bq_tokens: Arc<dyn TokenProvider> = if endpoints.bigquery.is_some() { Arc::new(NoAuth) } else { adc()? };
-        let gcs = Gcs::new(GcsOptions { emulator_endpoint: endpoints.storage.clone(), retry: cfg.retry, tokens: gcs_tokens }).await?;
+        let gcs_tokens: Arc<dyn TokenProvider> = if endpoints.storage.is_some() {
+            Arc::new(NoAuth)
+        } else {
+            adc()?
+        };
+        let bq_tokens: Arc<dyn TokenProvider> = if endpoints.bigquery.is_some() {
+            Arc::new(NoAuth)
+        } else {
+            adc()?
+        };
+        let gcs = Gcs::new(GcsOptions {
+            emulator_endpoint: endpoints.storage.clone(),
+            retry: cfg.retry,
+            tokens: gcs_tokens,
+        })
+        .await?;
         let bq = BigQuery::new(BigQueryOptions {
             emulator_endpoint: endpoints.bigquery.clone(),
             project: cfg.project.clone(),
@@ -102,7 +125,11 @@ impl Clients {
         })
         .await?;
         let subscriber = logflow_pubsub::connect(endpoints.pubsub.as_deref()).await?;
-        Ok(Clients { gcs, bq, subscriber })
+        Ok(Clients {
+            gcs,
+            bq,
+            subscriber,
+        })
     }
 }
 
@@ -116,14 +143,21 @@ pub struct RunningWorker {
 }
 
 /// Prepares every pipeline (schemas, tables, buckets), then starts them. Returns once they run.
-pub async fn start(cfg: Config, clients: Clients, shutdown: CancellationToken) -> anyhow::Result<RunningWorker> {
+pub async fn start(
+    cfg: Config,
+    clients: Clients,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningWorker> {
     let registry = load_registry(&cfg)?;
     let worker = worker_id();
     let mut prepared = Vec::new();
     for (i, p) in cfg.pipelines.iter().enumerate() {
         prepared.push(prepare(&cfg, i, p, &registry, &clients).await?);
     }
-    let stats = prepared.iter().map(|(ctx, ..)| (ctx.pipeline.clone(), Arc::clone(&ctx.stats))).collect();
+    let stats = prepared
+        .iter()
+        .map(|(ctx, ..)| (ctx.pipeline.clone(), Arc::clone(&ctx.stats)))
+        .collect();
     let mut set = JoinSet::new();
     for (ctx, p) in prepared {
         let source = PubsubSource::new(
@@ -145,7 +179,9 @@ pub async fn start(cfg: Config, clients: Clients, shutdown: CancellationToken) -
     let done = tokio::spawn(async move {
         let mut first: Option<anyhow::Error> = None;
         while let Some(r) = set.join_next().await {
-            let r = r.map_err(|e| anyhow::anyhow!("pipeline task failed: {e}")).and_then(|r| r);
+            let r = r
+                .map_err(|e| anyhow::anyhow!("pipeline task failed: {e}"))
+                .and_then(|r| r);
             if let Err(e) = r {
                 error!(error = %format!("{e:#}"), "pipeline stopped with an error");
                 first.get_or_insert(e);
@@ -164,7 +200,9 @@ async fn prepare(
     clients: &Clients,
 ) -> anyhow::Result<(Arc<StageContext>, PipelineConfig)> {
     let at = format!("pipelines[{i}] ({})", p.name);
-    let md = registry.message(&p.message_type).with_context(|| format!("{at}.message_type"))?;
+    let md = registry
+        .message(&p.message_type)
+        .with_context(|| format!("{at}.message_type"))?;
     let encoder = RowEncoder::new(md.clone()).with_context(|| format!("{at}.message_type"))?;
     let schema = table_schema(&md)?;
     clients
@@ -177,7 +215,10 @@ async fn prepare(
                 cfg.project, p.bigquery.dataset, p.bigquery.table, cfg.project, p.bigquery.dataset
             )
         })?;
-    for (field, bucket) in [("archive.bucket", &p.archive.bucket), ("dead_letter.bucket", &p.dead_letter.bucket)] {
+    for (field, bucket) in [
+        ("archive.bucket", &p.archive.bucket),
+        ("dead_letter.bucket", &p.dead_letter.bucket),
+    ] {
         clients
             .gcs
             .check_bucket(bucket)
@@ -219,7 +260,13 @@ async fn run_pipeline(
         },
         archive_rx,
     ));
-    set.spawn(stages::decode_stage(Arc::clone(&ctx), p.bigquery.batch, decode_rx, insert_tx, dead_tx.clone()));
+    set.spawn(stages::decode_stage(
+        Arc::clone(&ctx),
+        p.bigquery.batch,
+        decode_rx,
+        insert_tx,
+        dead_tx.clone(),
+    ));
     set.spawn(stages::insert_stage(
         Arc::clone(&ctx),
         clients.bq.clone(),
@@ -241,10 +288,16 @@ async fn run_pipeline(
     ));
     let stats = Arc::clone(&ctx.stats);
     let source_token = token.clone();
-    set.spawn(async move { Ok(source.run([archive_tx, decode_tx], stats, source_token).await?) });
+    set.spawn(async move {
+        Ok(source
+            .run([archive_tx, decode_tx], stats, source_token)
+            .await?)
+    });
     let mut first: Option<anyhow::Error> = None;
     while let Some(r) = set.join_next().await {
-        let r = r.map_err(|e| anyhow::anyhow!("stage task failed: {e}")).and_then(|r| r);
+        let r = r
+            .map_err(|e| anyhow::anyhow!("stage task failed: {e}"))
+            .and_then(|r| r);
         if let Err(e) = r {
             // Stop pulling; the other stages drain what they hold.
             token.cancel();

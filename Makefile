@@ -1,0 +1,42 @@
+# logflow: the single entry point. `make help` lists the targets.
+.PHONY: help build test unit-test demo lint fmt emulators-start emulators-stop emulators-status check
+
+help:
+	@echo "make demo             run logflow end to end on local emulators and print a summary"
+	@echo "make test             unit tests, then integration tests on the emulators (started and stopped here)"
+	@echo "make lint             cargo fmt --check and clippy -D warnings"
+	@echo "make check            lint + test (what CI runs)"
+	@echo "make build            build everything (debug)"
+	@echo "make emulators-start  start Pub/Sub, GCS and BigQuery emulators on 127.0.0.1 (installs them if needed)"
+	@echo "make emulators-stop   stop them"
+
+build:
+	cargo build --workspace --all-targets --features logflow-integration-tests/emulator-tests
+
+test:
+	scripts/test.sh
+
+unit-test:
+	cargo test --workspace --exclude logflow-integration-tests
+
+demo:
+	scripts/demo.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+check: lint test
+
+emulators-start:
+	scripts/emulators.sh start
+	@echo "for a shell: eval \"\$$(scripts/emulators.sh env)\""
+
+emulators-stop:
+	scripts/emulators.sh stop
+
+emulators-status:
+	scripts/emulators.sh status
