@@ -17,4 +17,5 @@ echo "== integration tests against the emulators"
 trap 'scripts/emulators.sh stop' EXIT
 scripts/emulators.sh start
 eval "$(scripts/emulators.sh env)"
-cargo test -p logflow-integration-tests $FEATURES --locked
+# --workspace keeps feature unification identical to the build above (no rebuild).
+cargo test --workspace $FEATURES --locked --test pipeline
