@@ -18,4 +18,4 @@ trap 'scripts/emulators.sh stop' EXIT
 scripts/emulators.sh start
 eval "$(scripts/emulators.sh env)"
 # --workspace keeps feature unification identical to the build above (no rebuild).
-cargo test --workspace $FEATURES --locked --test pipeline
+cargo test --workspace $FEATURES --locked --test emulators

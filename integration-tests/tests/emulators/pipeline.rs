@@ -1,7 +1,6 @@
 //! The whole data path against the Pub/Sub, GCS and BigQuery emulators: every published message
 //! is in the raw archive, and in BigQuery (with the right values) or in the dead-letter path
 //! (with its bytes and reason), and nothing is left unacked.
-#![cfg(feature = "emulator-tests")]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
