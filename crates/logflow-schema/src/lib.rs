@@ -11,6 +11,7 @@ mod plan;
 mod registry;
 mod row;
 mod table;
+mod wire;
 mod wkt;
 
 pub use error::{DecodeError, DecodeErrorKind, SchemaError};

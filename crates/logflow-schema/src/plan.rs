@@ -34,10 +34,10 @@ pub(crate) enum Shape {
     Duration,
     /// A wrapper message: its field 1 as the scalar `Kind`.
     Wrapper(Kind),
-    /// Proto3 JSON text in a JSON column.
-    Json,
-    /// Proto3 JSON string form in a STRING column.
-    FieldMask,
+    /// Proto3 JSON text of a message of this type in a JSON column.
+    Json(MessageDescriptor),
+    /// Proto3 JSON string form of a FieldMask in a STRING column.
+    FieldMask(MessageDescriptor),
     Record(MessagePlan),
     /// Map entries as `{key, value}` records; `value` is `None` when it maps to no column.
     Map {
@@ -50,9 +50,20 @@ pub(crate) enum Shape {
 #[derive(Debug, Clone)]
 pub(crate) struct FieldPlan {
     pub(crate) field: FieldDescriptor,
+    /// Field number on the wire.
+    pub(crate) number: u32,
     /// `"name":` ready to copy into a row.
     pub(crate) json_key: Box<[u8]>,
+    /// Repeated (lists and maps).
     pub(crate) repeated: bool,
+    /// Has explicit presence: absent means NULL. Otherwise absent means the default value.
+    pub(crate) presence: bool,
+    /// proto2 `required`: absent is a data error.
+    pub(crate) required: bool,
+    /// Index of the real (non-synthetic) oneof it belongs to, in [`MessagePlan::oneofs`].
+    pub(crate) oneof: Option<usize>,
+    /// The JSON written when an implicit-presence field is absent (proto3 defaults).
+    pub(crate) default_json: Box<[u8]>,
     pub(crate) shape: Shape,
 }
 
@@ -60,6 +71,15 @@ pub(crate) struct FieldPlan {
 #[derive(Debug, Clone)]
 pub(crate) struct MessagePlan {
     pub(crate) fields: Vec<FieldPlan>,
+    /// Number of real oneofs among the fields.
+    pub(crate) oneofs: usize,
+}
+
+impl MessagePlan {
+    /// Index in `fields` of the column for field `number`.
+    pub(crate) fn position(&self, number: u32) -> Option<usize> {
+        self.fields.binary_search_by_key(&number, |f| f.number).ok()
+    }
 }
 
 impl MessagePlan {
@@ -121,6 +141,7 @@ fn plan_message(
 ) -> Result<MessagePlan, SchemaError> {
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut fields = Vec::new();
+    let mut oneof_names: Vec<String> = Vec::new();
     let mut descriptors: Vec<FieldDescriptor> = md.fields().collect();
     descriptors.sort_by_key(|f| f.number());
     for fd in descriptors {
@@ -164,15 +185,59 @@ fn plan_message(
         };
         if let Some(shape) = shape {
             let json_key = format!("\"{name}\":").into_bytes().into_boxed_slice();
+            let oneof = fd
+                .containing_oneof()
+                .filter(|o| !o.is_synthetic())
+                .map(|o| match oneof_names.iter().position(|x| x == o.name()) {
+                    Some(n) => n,
+                    None => {
+                        oneof_names.push(o.name().to_string());
+                        oneof_names.len() - 1
+                    }
+                });
             fields.push(FieldPlan {
-                repeated: fd.is_list(),
+                number: fd.number(),
+                repeated: fd.is_list() || fd.is_map(),
+                presence: fd.supports_presence(),
+                required: fd.cardinality() == prost_reflect::Cardinality::Required,
+                oneof,
+                default_json: default_json(&fd, &shape),
                 field: fd,
                 json_key,
                 shape,
             });
         }
     }
-    Ok(MessagePlan { fields })
+    Ok(MessagePlan {
+        fields,
+        oneofs: oneof_names.len(),
+    })
+}
+
+/// What an absent implicit-presence field is written as (the proto3 default).
+fn default_json(fd: &FieldDescriptor, shape: &Shape) -> Box<[u8]> {
+    let s: String = if fd.is_list() || fd.is_map() {
+        "[]".into()
+    } else {
+        match shape {
+            Shape::Scalar(k) => match k {
+                Kind::Double | Kind::Float => "0.0".into(),
+                Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 | Kind::Uint64 | Kind::Fixed64 => {
+                    "\"0\"".into()
+                }
+                Kind::Bool => "false".into(),
+                Kind::String | Kind::Bytes => "\"\"".into(),
+                _ => "0".into(),
+            },
+            Shape::Enum(ed) => {
+                let v = ed.default_value();
+                format!("\"{}\"", v.name())
+            }
+            // Message-typed fields always have presence: never written as a default.
+            _ => "null".into(),
+        }
+    };
+    s.into_bytes().into_boxed_slice()
 }
 
 /// The shape of a value of `kind` whose RECORD (if it is one) would sit at `level`.
@@ -191,13 +256,13 @@ fn kind_shape(
         Some(Wkt::Timestamp) => Some(Shape::Timestamp),
         Some(Wkt::Duration) => Some(Shape::Duration),
         Some(Wkt::Wrapper) => md.get_field(1).map(|f| Shape::Wrapper(f.kind())),
-        Some(Wkt::Json) => Some(Shape::Json),
-        Some(Wkt::FieldMask) => Some(Shape::FieldMask),
+        Some(Wkt::Json) => Some(Shape::Json(md.clone())),
+        Some(Wkt::FieldMask) => Some(Shape::FieldMask(md.clone())),
         Some(Wkt::Empty) => None,
         None => {
             let name = md.full_name().to_string();
             if level > MAX_RECORD_DEPTH || path.contains(&name) {
-                Some(Shape::Json)
+                Some(Shape::Json(md.clone()))
             } else {
                 path.push(name);
                 let sub = plan_message(md, level + 1, path);
@@ -230,8 +295,8 @@ mod tests {
             "t.Node",
         )
         .unwrap();
-        assert!(matches!(p.fields[1].shape, Shape::Json));
-        assert!(matches!(p.fields[2].shape, Shape::Json) && p.fields[2].repeated);
+        assert!(matches!(p.fields[1].shape, Shape::Json(_)));
+        assert!(matches!(p.fields[2].shape, Shape::Json(_)) && p.fields[2].repeated);
     }
 
     #[test]
@@ -253,7 +318,7 @@ mod tests {
             level += 1;
         }
         assert_eq!(level, 16, "levels 1..=15 are records");
-        assert!(matches!(shape, Shape::Json));
+        assert!(matches!(shape, Shape::Json(_)));
     }
 
     #[test]

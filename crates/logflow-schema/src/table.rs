@@ -53,10 +53,10 @@ fn field_schema(f: &FieldPlan) -> Value {
 fn column(name: &str, shape: &Shape, mode: &str) -> Value {
     let ty = match shape {
         Shape::Scalar(k) | Shape::Wrapper(k) => scalar_type(k),
-        Shape::Enum(_) | Shape::FieldMask => "STRING",
+        Shape::Enum(_) | Shape::FieldMask(_) => "STRING",
         Shape::Timestamp => "TIMESTAMP",
         Shape::Duration => "NUMERIC",
-        Shape::Json => "JSON",
+        Shape::Json(_) => "JSON",
         Shape::Record(plan) => {
             let fields: Vec<Value> = plan.fields.iter().map(field_schema).collect();
             return json!({"name": name, "type": "RECORD", "mode": mode, "fields": fields});
