@@ -1,11 +1,12 @@
 # logflow: the single entry point. `make help` lists the targets.
-.PHONY: help build test unit-test demo lint fmt emulators-start emulators-stop emulators-status check
+.PHONY: help build test unit-test demo bench lint fmt emulators-start emulators-stop emulators-status check
 
 help:
 	@echo "make demo             run logflow end to end on local emulators and print a summary"
 	@echo "make test             unit tests, then integration tests on the emulators (started and stopped here)"
 	@echo "make lint             cargo fmt --check and clippy -D warnings"
 	@echo "make check            lint + test (what CI runs)"
+	@echo "make bench            benchmarks in release mode (see BENCHMARKS.md)"
 	@echo "make build            build everything (debug)"
 	@echo "make emulators-start  start Pub/Sub, GCS and BigQuery emulators on 127.0.0.1 (installs them if needed)"
 	@echo "make emulators-stop   stop them"
@@ -21,6 +22,9 @@ unit-test:
 
 demo:
 	scripts/demo.sh
+
+bench:
+	cargo bench -p logflow --bench transcode
 
 lint:
 	cargo fmt --all -- --check

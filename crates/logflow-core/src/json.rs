@@ -1,10 +1,21 @@
 //! Minimal JSON writing for hot paths that assemble JSON from pre-serialised pieces.
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// Appends `s` as a JSON string literal.
 pub fn push_str(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
     let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    // Fast path: most strings need no escaping. This fold has no early exit, so it vectorises.
+    let needs = bytes.iter().fold(false, |acc, &b| {
+        acc | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !needs {
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let esc: &[u8] = match b {

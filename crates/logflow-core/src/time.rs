@@ -72,6 +72,39 @@ fn put_digits(dst: &mut [u8], mut v: u32) {
     }
 }
 
+thread_local! {
+    /// The last day formatted on this thread: rows of a batch share their day.
+    static LAST_DAY: std::cell::Cell<(i64, [u8; 10])> = const { std::cell::Cell::new((i64::MIN, [0; 10])) };
+}
+
+/// Appends `"2026-11-27T09:00:00.123456Z"` as bytes (no quotes); the date part is cached per
+/// thread, so consecutive instants of one day cost a few divisions.
+pub fn push_rfc3339_micros(out: &mut Vec<u8>, unix_micros: i64) {
+    let secs = unix_micros.div_euclid(1_000_000);
+    let day = secs.div_euclid(86_400);
+    let date = LAST_DAY.with(|c| {
+        let (d, text) = c.get();
+        if d == day {
+            return text;
+        }
+        let civil = Civil::from_unix_micros(unix_micros);
+        let mut t = *b"0000-00-00";
+        put_digits(&mut t[0..4], civil.year.rem_euclid(10_000) as u32);
+        put_digits(&mut t[5..7], civil.month);
+        put_digits(&mut t[8..10], civil.day);
+        c.set((day, t));
+        t
+    });
+    let sod = secs.rem_euclid(86_400) as u32;
+    let mut t = *b"T00:00:00.000000Z";
+    put_digits(&mut t[1..3], sod / 3600);
+    put_digits(&mut t[4..6], sod / 60 % 60);
+    put_digits(&mut t[7..9], sod % 60);
+    put_digits(&mut t[10..16], unix_micros.rem_euclid(1_000_000) as u32);
+    out.extend_from_slice(&date);
+    out.extend_from_slice(&t);
+}
+
 /// `2026-11-27T09:00:00.123456Z`.
 pub fn rfc3339_micros(unix_micros: i64) -> String {
     let mut s = String::with_capacity(27);
@@ -121,6 +154,22 @@ mod tests {
             rfc3339_micros(253_402_300_799_999_999),
             "9999-12-31T23:59:59.999999Z"
         );
+    }
+
+    #[test]
+    fn byte_form_matches_and_survives_day_changes() {
+        for m in [
+            0,
+            1_795_770_000_123_456,
+            -1,
+            951_782_400_000_000,
+            1_795_770_000_123_456 + 86_400_000_000,
+            253_402_300_799_999_999,
+        ] {
+            let mut out = Vec::new();
+            push_rfc3339_micros(&mut out, m);
+            assert_eq!(String::from_utf8(out).unwrap(), rfc3339_micros(m), "{m}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ const MAX_COLUMNS: usize = 10_000;
 pub(crate) enum Shape {
     /// A protobuf scalar (not enum).
     Scalar(Kind),
-    Enum(prost_reflect::EnumDescriptor),
+    Enum(EnumNames),
     Timestamp,
     Duration,
     /// A wrapper message: its field 1 as the scalar `Kind`.
@@ -44,6 +44,46 @@ pub(crate) enum Shape {
         key: Kind,
         value: Option<Box<Shape>>,
     },
+}
+
+/// An enum's value names as JSON strings, looked up by number without touching descriptors.
+#[derive(Debug, Clone)]
+pub(crate) struct EnumNames {
+    /// (number, `"NAME"`), sorted by number; the first name of an aliased number.
+    by_number: Vec<(i32, Box<[u8]>)>,
+    /// The number an unset field reads as.
+    pub(crate) default_number: i32,
+}
+
+impl EnumNames {
+    fn new(ed: &prost_reflect::EnumDescriptor) -> Self {
+        let mut by_number: Vec<(i32, Box<[u8]>)> = Vec::new();
+        for v in ed.values() {
+            if !by_number.iter().any(|(n, _)| *n == v.number()) {
+                by_number.push((
+                    v.number(),
+                    format!("\"{}\"", v.name()).into_bytes().into_boxed_slice(),
+                ));
+            }
+        }
+        by_number.sort_by_key(|(n, _)| *n);
+        EnumNames {
+            by_number,
+            default_number: ed.default_value().number(),
+        }
+    }
+
+    /// Appends the value's name, or its number as a string when it has no name.
+    pub(crate) fn push(&self, n: i32, out: &mut Vec<u8>) {
+        match self.by_number.binary_search_by_key(&n, |(k, _)| *k) {
+            Ok(i) => out.extend_from_slice(&self.by_number[i].1),
+            Err(_) => {
+                out.push(b'"');
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.push(b'"');
+            }
+        }
+    }
 }
 
 /// One column of a record.
@@ -73,12 +113,43 @@ pub(crate) struct MessagePlan {
     pub(crate) fields: Vec<FieldPlan>,
     /// Number of real oneofs among the fields.
     pub(crate) oneofs: usize,
+    /// Field number → position in `fields` (`u16::MAX`: none), when numbers are small enough
+    /// for a table; otherwise empty and `position` searches.
+    lookup: Box<[u16]>,
 }
 
+/// Field numbers up to this use a lookup table (2 bytes per number per message type).
+const LOOKUP_MAX_NUMBER: u32 = 4096;
+
 impl MessagePlan {
+    fn new(fields: Vec<FieldPlan>, oneofs: usize) -> Self {
+        let max = fields.iter().map(|f| f.number).max().unwrap_or(0);
+        let lookup = if max <= LOOKUP_MAX_NUMBER && fields.len() < usize::from(u16::MAX) {
+            let mut t = vec![u16::MAX; max as usize + 1];
+            for (i, f) in fields.iter().enumerate() {
+                t[f.number as usize] = i as u16;
+            }
+            t.into_boxed_slice()
+        } else {
+            Box::default()
+        };
+        MessagePlan {
+            fields,
+            oneofs,
+            lookup,
+        }
+    }
+
     /// Index in `fields` of the column for field `number`.
+    #[inline]
     pub(crate) fn position(&self, number: u32) -> Option<usize> {
-        self.fields.binary_search_by_key(&number, |f| f.number).ok()
+        if self.lookup.is_empty() {
+            return self.fields.binary_search_by_key(&number, |f| f.number).ok();
+        }
+        match self.lookup.get(number as usize) {
+            Some(&i) if i != u16::MAX => Some(usize::from(i)),
+            _ => None,
+        }
     }
 }
 
@@ -208,10 +279,7 @@ fn plan_message(
             });
         }
     }
-    Ok(MessagePlan {
-        fields,
-        oneofs: oneof_names.len(),
-    })
+    Ok(MessagePlan::new(fields, oneof_names.len()))
 }
 
 /// What an absent implicit-presence field is written as (the proto3 default).
@@ -229,9 +297,10 @@ fn default_json(fd: &FieldDescriptor, shape: &Shape) -> Box<[u8]> {
                 Kind::String | Kind::Bytes => "\"\"".into(),
                 _ => "0".into(),
             },
-            Shape::Enum(ed) => {
-                let v = ed.default_value();
-                format!("\"{}\"", v.name())
+            Shape::Enum(names) => {
+                let mut v = Vec::new();
+                names.push(names.default_number, &mut v);
+                return v.into_boxed_slice();
             }
             // Message-typed fields always have presence: never written as a default.
             _ => "null".into(),
@@ -249,7 +318,7 @@ fn kind_shape(
 ) -> Result<Option<Shape>, SchemaError> {
     let md = match kind {
         Kind::Message(md) => md,
-        Kind::Enum(ed) => return Ok(Some(Shape::Enum(ed.clone()))),
+        Kind::Enum(ed) => return Ok(Some(Shape::Enum(EnumNames::new(ed)))),
         other => return Ok(Some(Shape::Scalar(other.clone()))),
     };
     Ok(match classify(md) {

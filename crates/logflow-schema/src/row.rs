@@ -36,13 +36,26 @@ pub struct RowMeta<'a> {
 pub struct RowEncoder {
     descriptor: MessageDescriptor,
     plan: MessagePlan,
+    /// The type's full name as a JSON string.
+    type_json: Box<[u8]>,
+}
+
+thread_local! {
+    /// Scratch for the attributes' JSON text (it is then escaped into a JSON string).
+    static ATTRS: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 impl RowEncoder {
     /// Plans the mapping of `descriptor`; fails on schema errors (names, limits).
     pub fn new(descriptor: MessageDescriptor) -> Result<Self, SchemaError> {
         let plan = MessagePlan::root(&descriptor)?;
-        Ok(RowEncoder { descriptor, plan })
+        let mut type_json = Vec::new();
+        push_json_str(&mut type_json, descriptor.full_name());
+        Ok(RowEncoder {
+            descriptor,
+            plan,
+            type_json: type_json.into_boxed_slice(),
+        })
     }
 
     /// The message type this encoder decodes.
@@ -89,34 +102,39 @@ impl RowEncoder {
     }
 
     fn write_meta(&self, meta: &RowMeta<'_>, out: &mut Vec<u8>) {
-        let mut ts = String::with_capacity(28);
+        use logflow_core::time::push_rfc3339_micros;
         out.extend_from_slice(b"{\"_message_id\":");
         push_json_str(out, meta.message_id);
         out.extend_from_slice(b",\"_publish_time\":\"");
-        logflow_core::time::write_rfc3339_micros(&mut ts, meta.publish_time_micros);
-        out.extend_from_slice(ts.as_bytes());
+        push_rfc3339_micros(out, meta.publish_time_micros);
         out.extend_from_slice(b"\",\"_attributes\":");
         // A JSON column takes a string holding the JSON text.
-        let mut attrs = Vec::with_capacity(64);
-        attrs.push(b'{');
-        for (i, (k, v)) in meta.attributes.iter().enumerate() {
-            if i > 0 {
-                attrs.push(b',');
-            }
-            push_json_str(&mut attrs, k);
-            attrs.push(b':');
-            push_json_str(&mut attrs, v);
+        if meta.attributes.is_empty() {
+            out.extend_from_slice(b"\"{}\"");
+        } else {
+            ATTRS.with(|cell| {
+                let mut attrs = cell.take();
+                attrs.clear();
+                attrs.push(b'{');
+                for (i, (k, v)) in meta.attributes.iter().enumerate() {
+                    if i > 0 {
+                        attrs.push(b',');
+                    }
+                    push_json_str(&mut attrs, k);
+                    attrs.push(b':');
+                    push_json_str(&mut attrs, v);
+                }
+                attrs.push(b'}');
+                push_json_str(out, std::str::from_utf8(&attrs).unwrap_or("{}"));
+                cell.set(attrs);
+            });
         }
-        attrs.push(b'}');
-        push_json_str(out, std::str::from_utf8(&attrs).unwrap_or("{}"));
         out.extend_from_slice(b",\"_subscription\":");
         push_json_str(out, meta.subscription);
         out.extend_from_slice(b",\"_message_type\":");
-        push_json_str(out, self.descriptor.full_name());
+        out.extend_from_slice(&self.type_json);
         out.extend_from_slice(b",\"_ingest_time\":\"");
-        ts.clear();
-        logflow_core::time::write_rfc3339_micros(&mut ts, meta.ingest_time_micros);
-        out.extend_from_slice(ts.as_bytes());
+        push_rfc3339_micros(out, meta.ingest_time_micros);
         out.push(b'"');
     }
 }
@@ -193,16 +211,8 @@ fn map_key_value(k: &MapKey) -> Value {
 fn write_value(shape: &Shape, v: &Value, out: &mut Vec<u8>) -> Result<(), DecodeError> {
     match shape {
         Shape::Scalar(kind) => write_scalar(kind, v, out),
-        Shape::Enum(ed) => {
-            let n = v.as_enum_number().unwrap_or_default();
-            match ed.get_value(n) {
-                Some(ev) => push_json_str(out, ev.name()),
-                None => {
-                    out.push(b'"');
-                    push_int(out, n);
-                    out.push(b'"');
-                }
-            }
+        Shape::Enum(names) => {
+            names.push(v.as_enum_number().unwrap_or_default(), out);
             Ok(())
         }
         Shape::Timestamp => {
@@ -258,10 +268,8 @@ pub(crate) fn write_timestamp(secs: i64, nanos: i32, out: &mut Vec<u8>) -> Resul
         ));
     }
     let micros = secs * 1_000_000 + i64::from(nanos / 1000);
-    let mut s = String::with_capacity(28);
-    logflow_core::time::write_rfc3339_micros(&mut s, micros);
     out.push(b'"');
-    out.extend_from_slice(s.as_bytes());
+    logflow_core::time::push_rfc3339_micros(out, micros);
     out.push(b'"');
     Ok(())
 }

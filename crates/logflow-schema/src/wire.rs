@@ -109,8 +109,20 @@ pub(crate) fn write_root(
     })
 }
 
-#[inline]
+#[inline(always)]
 fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
+    // Most varints (tags, small values) are one byte.
+    if let Some(&b) = buf.get(*pos)
+        && b < 0x80
+    {
+        *pos += 1;
+        return Ok(u64::from(b));
+    }
+    read_varint_slow(buf, pos)
+}
+
+#[inline(never)]
+fn read_varint_slow(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
     let mut v: u64 = 0;
     let mut shift = 0u32;
     loop {
@@ -237,6 +249,9 @@ fn index(
     occs: &mut Vec<Occ>,
 ) -> Result<(), DecodeError> {
     let mut seq = 0u32;
+    // Encoders write fields in number order: then the occurrences are sorted already.
+    let mut sorted = true;
+    let mut last = 0u32;
     for part in parts {
         let slice = &buf[..part.end as usize];
         let mut pos = part.start as usize;
@@ -246,6 +261,8 @@ fn index(
             if let Some(i) = plan.position(number)
                 && fits(&plan.fields[i], wire)
             {
+                sorted &= i as u32 >= last;
+                last = i as u32;
                 occs.push(Occ {
                     pos: i as u32,
                     seq,
@@ -257,7 +274,9 @@ fn index(
             }
         }
     }
-    occs.sort_unstable_by_key(|o| (o.pos, o.seq));
+    if !sorted {
+        occs.sort_unstable_by_key(|o| (o.pos, o.seq));
+    }
     Ok(())
 }
 
@@ -535,13 +554,9 @@ fn write_map(
                     Some(o) => write_scalar(v, o.wire, o.bytes(buf), out)?,
                     None => out.extend_from_slice(kind_default_json(vk)),
                 },
-                Shape::Enum(ed) => match vs.last() {
+                Shape::Enum(names) => match vs.last() {
                     Some(o) => write_scalar(v, o.wire, o.bytes(buf), out)?,
-                    None => {
-                        out.push(b'"');
-                        out.extend_from_slice(ed.default_value().name().as_bytes());
-                        out.push(b'"');
-                    }
+                    None => names.push(names.default_number, out),
                 },
                 shape => write_message_value(shape, buf, vs, scratch, depth, out)?,
             }
@@ -689,16 +704,8 @@ fn seconds_nanos(buf: &[u8], parts: &[Occ]) -> Result<(i64, i32), DecodeError> {
 /// A scalar or enum value from its wire bytes.
 fn write_scalar(shape: &Shape, wire: u8, b: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
     let kind = match shape {
-        Shape::Enum(ed) => {
-            let n = read_varint(b, &mut 0)? as i32;
-            match ed.get_value(n) {
-                Some(v) => push_str(out, v.name()),
-                None => {
-                    out.push(b'"');
-                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                    out.push(b'"');
-                }
-            }
+        Shape::Enum(names) => {
+            names.push(read_varint(b, &mut 0)? as i32, out);
             return Ok(());
         }
         Shape::Scalar(k) => k,
