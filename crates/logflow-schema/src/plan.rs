@@ -160,7 +160,7 @@ impl MessagePlan {
         let plan = plan_message(md, 1, &mut path)?;
         for f in &plan.fields {
             let lower = f.field.name().to_ascii_lowercase();
-            if METADATA_COLUMNS.iter().any(|(m, _, _)| *m == lower) {
+            if METADATA_COLUMNS.iter().any(|(m, ..)| *m == lower) {
                 return Err(invalid(
                     md,
                     &f.field,

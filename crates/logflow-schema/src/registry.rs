@@ -46,6 +46,37 @@ impl Registry {
         })
     }
 
+    /// Compiles the given `.proto` files (paths relative to one of `includes`).
+    pub fn from_proto_files(includes: &[PathBuf], files: &[PathBuf]) -> Result<Self, SchemaError> {
+        let shown = includes
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let compile_err = |e: protox::Error| SchemaError::Compile {
+            dirs: shown.clone(),
+            message: e.to_string(),
+        };
+        let mut compiler = protox::Compiler::new(includes).map_err(compile_err)?;
+        compiler.include_imports(true).include_source_info(true);
+        compiler.open_files(files).map_err(compile_err)?;
+        Ok(Registry {
+            pool: compiler.descriptor_pool(),
+        })
+    }
+
+    /// Full names of the message types defined (not imported well-known types, not map entries).
+    pub fn message_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .pool
+            .all_messages()
+            .filter(|m| !m.full_name().starts_with("google.protobuf.") && !m.is_map_entry())
+            .map(|m| m.full_name().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Reads a `FileDescriptorSet` (e.g. `protoc --include_imports --descriptor_set_out`).
     pub fn from_descriptor_set_file(path: &Path) -> Result<Self, SchemaError> {
         let err = |message: String| SchemaError::DescriptorSet {
@@ -72,14 +103,7 @@ impl Registry {
 
     /// Up to `n` message type names that are not well-known types, for error messages.
     fn known_types(&self, n: usize) -> String {
-        let mut names: Vec<String> = self
-            .pool
-            .all_messages()
-            .filter(|m| !m.full_name().starts_with("google.protobuf."))
-            .filter(|m| !m.is_map_entry())
-            .map(|m| m.full_name().to_string())
-            .collect();
-        names.sort();
+        let mut names = self.message_names();
         let more = names.len().saturating_sub(n);
         names.truncate(n);
         let mut s = names.join(", ");

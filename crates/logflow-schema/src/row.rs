@@ -72,7 +72,20 @@ impl RowEncoder {
     ) -> Result<(), DecodeError> {
         let start = out.len();
         self.write_meta(meta, out);
-        let r = crate::wire::write_root(&self.plan, payload, out);
+        let r = crate::wire::write_root(&self.plan, payload, false, out);
+        match r {
+            Ok(()) => out.push(b'}'),
+            Err(_) => out.truncate(start),
+        }
+        r
+    }
+
+    /// Decodes `payload` and appends only its message columns as one JSON object (no metadata
+    /// columns): what `logflow decode` prints.
+    pub fn encode_fields(&self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+        let start = out.len();
+        out.push(b'{');
+        let r = crate::wire::write_root(&self.plan, payload, true, out);
         match r {
             Ok(()) => out.push(b'}'),
             Err(_) => out.truncate(start),
@@ -574,6 +587,20 @@ mod tests {
             assert_eq!(e.kind, DecodeErrorKind::InvalidProtobuf, "{payload:?}: {e}");
             assert_eq!(out, b"prefix");
         }
+    }
+
+    #[test]
+    fn encode_fields_writes_only_the_message_columns() {
+        let r = registry_from_source("fields.proto", SRC);
+        let enc = RowEncoder::new(r.message("t.M").unwrap()).unwrap();
+        let mut out = Vec::new();
+        enc.encode_fields(&[0x08, 0x07], &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["i32"], 7);
+        assert!(v.get("_message_id").is_none());
+        let mut out = Vec::new();
+        assert!(enc.encode_fields(&[0x0f], &mut out).is_err());
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -6,14 +6,44 @@ use serde_json::{Value, json};
 use crate::error::SchemaError;
 use crate::plan::{FieldPlan, MessagePlan, Shape};
 
-/// The metadata columns, first in every table, in this order: (name, type, mode).
-pub const METADATA_COLUMNS: [(&str, &str, &str); 6] = [
-    ("_message_id", "STRING", "REQUIRED"),
-    ("_publish_time", "TIMESTAMP", "REQUIRED"),
-    ("_attributes", "JSON", "NULLABLE"),
-    ("_subscription", "STRING", "NULLABLE"),
-    ("_message_type", "STRING", "NULLABLE"),
-    ("_ingest_time", "TIMESTAMP", "NULLABLE"),
+/// The metadata columns, first in every table, in this order: (name, type, mode, description).
+pub const METADATA_COLUMNS: [(&str, &str, &str, &str); 6] = [
+    (
+        "_message_id",
+        "STRING",
+        "REQUIRED",
+        "Pub/Sub message id; also the insertId of the row.",
+    ),
+    (
+        "_publish_time",
+        "TIMESTAMP",
+        "REQUIRED",
+        "When Pub/Sub received the message; the partitioning column.",
+    ),
+    (
+        "_attributes",
+        "JSON",
+        "NULLABLE",
+        "The Pub/Sub message attributes.",
+    ),
+    (
+        "_subscription",
+        "STRING",
+        "NULLABLE",
+        "The subscription the message was received on.",
+    ),
+    (
+        "_message_type",
+        "STRING",
+        "NULLABLE",
+        "Full protobuf name of the type the payload was decoded as.",
+    ),
+    (
+        "_ingest_time",
+        "TIMESTAMP",
+        "NULLABLE",
+        "When the logflow worker decoded the message.",
+    ),
 ];
 
 /// The `schema` object of a BigQuery `Table` resource (`{"fields": [...]}`) for `md`.
@@ -21,7 +51,9 @@ pub fn table_schema(md: &MessageDescriptor) -> Result<Value, SchemaError> {
     let plan = MessagePlan::root(md)?;
     let mut fields: Vec<Value> = METADATA_COLUMNS
         .iter()
-        .map(|(name, ty, mode)| json!({"name": name, "type": ty, "mode": mode}))
+        .map(|(name, ty, mode, description)| {
+            json!({"name": name, "type": ty, "mode": mode, "description": description})
+        })
         .collect();
     fields.extend(plan.fields.iter().map(field_schema));
     Ok(json!({ "fields": fields }))
@@ -47,7 +79,38 @@ fn field_schema(f: &FieldPlan) -> Value {
     } else {
         "NULLABLE"
     };
-    column(f.field.name(), &f.shape, mode)
+    let mut col = column(f.field.name(), &f.shape, mode);
+    if let Some(d) = comment(&f.field) {
+        col["description"] = Value::String(d);
+    }
+    col
+}
+
+/// BigQuery's limit on a column description.
+const MAX_DESCRIPTION: usize = 1024;
+
+/// The field's leading (else trailing) comment in its `.proto` file, when the descriptors kept
+/// source info; whitespace-folded and cut to BigQuery's limit.
+fn comment(f: &prost_reflect::FieldDescriptor) -> Option<String> {
+    let file = f.parent_file();
+    let info = file.file_descriptor_proto().source_code_info.as_ref()?;
+    let loc = info.location.iter().find(|l| l.path == f.path())?;
+    let text = loc
+        .leading_comments
+        .as_deref()
+        .or(loc.trailing_comments.as_deref())?;
+    let mut folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if folded.is_empty() {
+        return None;
+    }
+    if folded.len() > MAX_DESCRIPTION {
+        let mut cut = MAX_DESCRIPTION;
+        while !folded.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        folded.truncate(cut);
+    }
+    Some(folded)
 }
 
 fn column(name: &str, shape: &Shape, mode: &str) -> Value {
@@ -168,5 +231,27 @@ mod tests {
             ]
         );
         assert_eq!(field(&s, "_message_id")["mode"], "REQUIRED");
+    }
+
+    #[test]
+    fn descriptions_come_from_proto_comments() {
+        let r = sample_registry();
+        let s = table_schema(&r.message("acme.http.v1.HttpAccessLog").unwrap()).unwrap();
+        assert_eq!(
+            field(&s, "remote_ip")["description"],
+            "Client IP as seen by the server."
+        );
+        let request = field(&s, "request");
+        let headers = request["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "headers")
+            .unwrap();
+        assert_eq!(
+            headers["description"],
+            "Selected request headers (lower-case names)."
+        );
+        assert!(field(&s, "service").get("description").is_none());
     }
 }

@@ -77,11 +77,12 @@ fn invalid(msg: impl Into<String>) -> DecodeError {
     DecodeError::new(DecodeErrorKind::InvalidProtobuf, msg)
 }
 
-/// Writes the columns of the root message `payload` (after the metadata columns: a comma comes
-/// first) into `out`.
+/// Writes the columns of the root message `payload` into `out`; `first`: no column precedes
+/// them (else a comma comes first).
 pub(crate) fn write_root(
     plan: &MessagePlan,
     payload: &[u8],
+    first: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), DecodeError> {
     if payload.len() > u32::MAX as usize {
@@ -95,13 +96,13 @@ pub(crate) fn write_root(
         end: payload.len() as u32,
     };
     SCRATCH.with(|s| match s.try_borrow_mut() {
-        Ok(mut scratch) => write_fields(plan, payload, &[root], false, &mut scratch, 0, out),
+        Ok(mut scratch) => write_fields(plan, payload, &[root], first, &mut scratch, 0, out),
         // Only reachable if a caller re-entered from inside a decode: use fresh buffers.
         Err(_) => write_fields(
             plan,
             payload,
             &[root],
-            false,
+            first,
             &mut Scratch::default(),
             0,
             out,

@@ -60,12 +60,81 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Decode ONE binary payload (stdin by default) and print its insertAll row JSON (message
+    /// fields only). A malformed payload exits 2 with a one-line classified error.
+    Decode {
+        #[command(flatten)]
+        schemas: SchemaSource,
+        /// Full protobuf name of the message type.
+        #[arg(long = "type")]
+        type_name: String,
+        /// Read the payload from this file instead of stdin.
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+    /// Show what the schemas map to.
+    Schema {
+        #[command(subcommand)]
+        what: SchemaCommand,
+    },
     /// Show what the pipelines of a configuration have written (BigQuery rows, GCS objects).
     Inspect {
         /// The YAML configuration.
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// Print the BigQuery table schema of a type (JSON array of TableFieldSchema, metadata
+    /// columns included).
+    Bq {
+        #[command(flatten)]
+        schemas: SchemaSource,
+        /// Full protobuf name of the message type.
+        #[arg(long = "type")]
+        type_name: String,
+    },
+    /// List the message types of the schemas.
+    List {
+        #[command(flatten)]
+        schemas: SchemaSource,
+    },
+}
+
+/// Where descriptors come from: a descriptor set, or `.proto` files.
+#[derive(clap::Args)]
+struct SchemaSource {
+    /// A FileDescriptorSet (`protoc --include_imports --descriptor_set_out=FILE`).
+    #[arg(long, conflicts_with_all = ["proto_path", "proto"])]
+    descriptor_set: Option<PathBuf>,
+    /// Import root for `--proto` (repeatable).
+    #[arg(long)]
+    proto_path: Vec<PathBuf>,
+    /// A `.proto` file to compile, relative to a `--proto-path` (repeatable).
+    #[arg(long)]
+    proto: Vec<PathBuf>,
+}
+
+impl SchemaSource {
+    fn load(&self) -> anyhow::Result<logflow_schema::Registry> {
+        if let Some(set) = &self.descriptor_set {
+            return Ok(logflow_schema::Registry::from_descriptor_set_file(set)?);
+        }
+        if self.proto.is_empty() {
+            anyhow::bail!("give --descriptor-set FILE, or --proto-path DIR --proto FILE.proto");
+        }
+        let includes = if self.proto_path.is_empty() {
+            vec![PathBuf::from(".")]
+        } else {
+            self.proto_path.clone()
+        };
+        Ok(logflow_schema::Registry::from_proto_files(
+            &includes,
+            &self.proto,
+        )?)
+    }
 }
 
 fn init_tracing() {
@@ -148,6 +217,61 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 "published {} messages ({malformed} malformed, {bytes} payload bytes) of {message_type} to {topic}",
                 ids.len()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Decode {
+            schemas,
+            type_name,
+            input,
+        } => {
+            use std::io::{Read as _, Write as _};
+            let md = schemas.load()?.message(&type_name)?;
+            let encoder = logflow_schema::RowEncoder::new(md)?;
+            let mut payload = Vec::new();
+            match &input {
+                Some(path) => {
+                    payload = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                }
+                None => {
+                    std::io::stdin()
+                        .read_to_end(&mut payload)
+                        .context("reading stdin")?;
+                }
+            }
+            let mut out = Vec::with_capacity(payload.len() * 2 + 64);
+            match encoder.encode_fields(&payload, &mut out) {
+                Ok(()) => {
+                    out.push(b'\n');
+                    std::io::stdout()
+                        .write_all(&out)
+                        .context("writing stdout")?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "logflow: {}: {}",
+                        e.kind.as_str(),
+                        e.message.replace('\n', " ")
+                    );
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Command::Schema {
+            what: SchemaCommand::Bq { schemas, type_name },
+        } => {
+            let md = schemas.load()?.message(&type_name)?;
+            let schema = logflow_schema::table_schema(&md)?;
+            println!("{}", serde_json::to_string_pretty(&schema["fields"])?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema {
+            what: SchemaCommand::List { schemas },
+        } => {
+            for name in schemas.load()?.message_names() {
+                println!("{name}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { config } => {
