@@ -91,6 +91,20 @@ struct ErrorBody {
     errors: Vec<ErrorProto>,
 }
 
+/// Attempts at adding columns while other writers change the table.
+const PATCH_ATTEMPTS: usize = 3;
+
+/// What [`BigQuery::ensure_table`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TableStatus {
+    /// The table was created.
+    pub created: bool,
+    /// Columns added to an existing table (dotted paths).
+    pub added: Vec<String>,
+    /// Columns of the existing table that cannot take the new rows (left as they are).
+    pub conflicts: Vec<String>,
+}
+
 /// BigQuery client of one worker, shared by its pipelines.
 #[derive(Clone)]
 pub struct BigQuery {
@@ -256,25 +270,71 @@ impl BigQuery {
             .await
     }
 
-    /// Creates `dataset.table` with `schema` (a `{"fields": [...]}` object), partitioned by day
-    /// on `_publish_time`, unless it exists. A missing dataset is a permanent error.
+    /// Makes `dataset.table` fit `schema` (a `{"fields": [...]}` object): creates it, partitioned
+    /// by day on `_publish_time`, when missing; otherwise adds the columns it lacks (a
+    /// `tables.patch` guarded by the table's etag, re-read and retried on a conflict). Columns are
+    /// never dropped or retyped: those conflicts are returned, not applied. A missing dataset is a
+    /// permanent error.
     pub async fn ensure_table(
         &self,
         dataset: &str,
         table: &str,
         schema: serde_json::Value,
-    ) -> Result<(), BqError> {
+    ) -> Result<TableStatus, BqError> {
+        let target = format!("{dataset}.{table}");
+        let url = format!(
+            "{}/projects/{}/datasets/{dataset}/tables/{table}",
+            self.base, self.options.project
+        );
+        for _ in 0..PATCH_ATTEMPTS {
+            let Some((etag, current)) = self.get_json(&url, &target).await? else {
+                return self.create_table(dataset, table, schema).await;
+            };
+            let existing = current
+                .pointer("/schema/fields")
+                .cloned()
+                .unwrap_or_default();
+            let diff = crate::evolve::diff(&existing, &schema["fields"]);
+            let Some(merged) = diff.merged else {
+                return Ok(TableStatus {
+                    created: false,
+                    added: Vec::new(),
+                    conflicts: diff.conflicts,
+                });
+            };
+            let mut req = self
+                .http
+                .patch(&url)
+                .json(&serde_json::json!({"schema": {"fields": merged}}));
+            if let Some(etag) = &etag {
+                req = req.header("if-match", etag.as_str());
+            }
+            let status = self.send_admin(req, "tables.patch", &target).await?;
+            if status == 412 {
+                warn!(table = %target, "table changed while adding columns; re-reading");
+                continue;
+            }
+            return Ok(TableStatus {
+                created: false,
+                added: diff.added,
+                conflicts: diff.conflicts,
+            });
+        }
+        Err(BqError::Protocol {
+            op: "tables.patch",
+            target,
+            message: format!("the table kept changing; gave up after {PATCH_ATTEMPTS} attempts"),
+        })
+    }
+
+    async fn create_table(
+        &self,
+        dataset: &str,
+        table: &str,
+        schema: serde_json::Value,
+    ) -> Result<TableStatus, BqError> {
         let project = self.options.project.clone();
         let target = format!("{dataset}.{table}");
-        match self.admin.table().get(&project, dataset, table, None).await {
-            Ok(_) => return Ok(()),
-            Err(e) => {
-                let e = admin_error("tables.get", &target, e);
-                if !matches!(e, BqError::Http { status: 404, .. }) {
-                    return Err(e);
-                }
-            }
-        }
         let resource = serde_json::json!({
             "tableReference": {"projectId": project, "datasetId": dataset, "tableId": table},
             "schema": schema,
@@ -287,13 +347,78 @@ impl BigQuery {
             message: e.to_string(),
         })?;
         match self.admin.table().create(table_res).await {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(TableStatus {
+                created: true,
+                ..TableStatus::default()
+            }),
             Err(e) => match admin_error("tables.insert", &target, e) {
-                // Another worker created it first.
-                BqError::Http { status: 409, .. } => Ok(()),
+                // Another worker created it first: check it again.
+                BqError::Http { status: 409, .. } => {
+                    Box::pin(self.ensure_table(dataset, table, schema)).await
+                }
                 other => Err(other),
             },
         }
+    }
+
+    /// GETs a resource: `None` on 404, else its etag and body.
+    async fn get_json(
+        &self,
+        url: &str,
+        target: &str,
+    ) -> Result<Option<(Option<String>, serde_json::Value)>, BqError> {
+        let mut req = self.http.get(url);
+        if let Some(t) = self.options.tokens.token().await.map_err(BqError::Auth)? {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| BqError::Transport {
+            op: "tables.get",
+            target: target.to_string(),
+            message: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| BqError::Transport {
+            op: "tables.get",
+            target: target.to_string(),
+            message: e.to_string(),
+        })?;
+        if status == 404 {
+            return Ok(None);
+        }
+        if !(200..300).contains(&status) {
+            return Err(http_error("tables.get", target, status, &body));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| BqError::Protocol {
+                op: "tables.get",
+                target: target.to_string(),
+                message: e.to_string(),
+            })?;
+        let etag = v.get("etag").and_then(|e| e.as_str()).map(str::to_string);
+        Ok(Some((etag, v)))
+    }
+
+    /// Sends an admin request; returns the status when it is a success or 412, else an error.
+    async fn send_admin(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        op: &'static str,
+        target: &str,
+    ) -> Result<u16, BqError> {
+        if let Some(t) = self.options.tokens.token().await.map_err(BqError::Auth)? {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| BqError::Transport {
+            op,
+            target: target.to_string(),
+            message: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) || status == 412 {
+            return Ok(status);
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(http_error(op, target, status, &body))
     }
 
     /// Runs a standard-SQL query and returns its rows as cell values.

@@ -14,9 +14,10 @@
 mod auth;
 mod client;
 mod error;
+pub mod evolve;
 
 pub use auth::BqAuthenticator;
 pub use client::{
-    BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES, InsertOutcome, RowRejection,
+    BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES, InsertOutcome, RowRejection, TableStatus,
 };
 pub use error::BqError;

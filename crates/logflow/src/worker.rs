@@ -15,7 +15,7 @@ use logflow_schema::{Registry, RowEncoder, table_schema};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::auth::AdcTokens;
 use crate::config::{Config, PipelineConfig};
@@ -205,7 +205,7 @@ async fn prepare(
         .with_context(|| format!("{at}.message_type"))?;
     let encoder = RowEncoder::new(md.clone()).with_context(|| format!("{at}.message_type"))?;
     let schema = table_schema(&md)?;
-    clients
+    let status = clients
         .bq
         .ensure_table(&p.bigquery.dataset, &p.bigquery.table, schema)
         .await
@@ -215,6 +215,21 @@ async fn prepare(
                 cfg.project, p.bigquery.dataset, p.bigquery.table, cfg.project, p.bigquery.dataset
             )
         })?;
+    let table = format!("{}.{}", p.bigquery.dataset, p.bigquery.table);
+    if status.created {
+        info!(pipeline = %p.name, table = %table, "created the table from the message type");
+    }
+    if !status.added.is_empty() {
+        info!(pipeline = %p.name, table = %table, columns = ?status.added, "added columns for the new schema fields");
+    }
+    if !status.conflicts.is_empty() {
+        warn!(
+            pipeline = %p.name,
+            table = %table,
+            conflicts = ?status.conflicts,
+            "table columns differ from the schema and were left as they are; rows BigQuery rejects go to the dead-letter path"
+        );
+    }
     for (field, bucket) in [
         ("archive.bucket", &p.archive.bucket),
         ("dead_letter.bucket", &p.dead_letter.bucket),

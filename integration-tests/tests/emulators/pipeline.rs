@@ -509,3 +509,75 @@ async fn start_fails_clearly_when_a_destination_is_missing() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_table_gains_the_new_columns() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = (unique("raw"), unique("dlq"), unique("ds").replace('-', "_"));
+    emu.bucket(&raw).await.unwrap();
+    emu.bucket(&dlq).await.unwrap();
+    emu.dataset(&dataset).await.unwrap();
+    // The table as an older producer schema made it: without `remote_ip` and `labels`.
+    let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
+    let ty = "acme.http.v1.HttpAccessLog";
+    let mut schema = logflow_schema::table_schema(&registry.message(ty).unwrap()).unwrap();
+    schema["fields"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|f| f["name"] != "remote_ip" && f["name"] != "labels");
+    emu.table(&dataset, "http", schema).await.unwrap();
+
+    let topic = unique("evolve");
+    let subscription = format!("{topic}-sub");
+    let topic_path = emu
+        .topic_and_subscription(&topic, &subscription)
+        .await
+        .unwrap();
+    let published = publish_samples(&emu, &topic_path, ty, 40, 9).await;
+    let stream = Stream {
+        pipeline: "http".into(),
+        subscription,
+        table: "http".into(),
+        message_type: ty.into(),
+        published,
+    };
+    let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let stats = &running.stats[0].1;
+    let total = stream.published.len() as u64;
+    tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
+        .await
+        .expect("all acked");
+    shutdown.cancel();
+    running.done.await.unwrap().unwrap();
+
+    let rows = clients
+        .bq
+        .query(&format!(
+            "SELECT _message_id, remote_ip, ARRAY_LENGTH(labels) FROM {dataset}.http"
+        ))
+        .await
+        .unwrap();
+    let valid = stream
+        .published
+        .values()
+        .filter(|s| s.malformed.is_none())
+        .count();
+    assert_eq!(rows.len(), valid);
+    for r in rows {
+        let id = cell_str(&r[0]).unwrap();
+        let msg = stream.published[&id].message.as_ref().unwrap();
+        assert_eq!(cell_str(&r[1]), expected_cell(msg, "remote_ip"), "row {id}");
+        let labels = msg
+            .get_field_by_name("labels")
+            .unwrap()
+            .as_map()
+            .unwrap()
+            .len();
+        assert_eq!(cell_str(&r[2]), Some(labels.to_string()), "row {id}");
+    }
+}
