@@ -51,8 +51,13 @@ pub struct PipelineConfig {
     pub name: String,
     /// Subscription id, or its full name `projects/P/subscriptions/S`.
     pub subscription: String,
-    /// Full protobuf name of the payloads' message type.
+    /// Full protobuf name of the payloads' message type (the default when messages do not name
+    /// their own).
     pub message_type: String,
+    /// Attribute whose value names a message's type (full protobuf name). Needs a table name
+    /// with `{type}`: each type gets its own table.
+    #[serde(default)]
+    pub type_attribute: Option<String>,
     /// BigQuery destination.
     pub bigquery: BigQueryConfig,
     /// Raw archive of every message.
@@ -70,7 +75,9 @@ pub struct PipelineConfig {
 pub struct BigQueryConfig {
     /// Dataset (must exist).
     pub dataset: String,
-    /// Table; created from the message type's schema when missing.
+    /// Table; created from the message type's schema when missing, extended when the schema
+    /// gains fields. `{type}` in the name stands for the message type's short name in snake
+    /// case (`logs_{type}` → `logs_http_access_log`): one table per type.
     pub table: String,
     /// insertAll batching: at most 500 rows is BigQuery's recommendation.
     #[serde(default = "default_bq_batch")]
@@ -273,6 +280,11 @@ impl Config {
             nonempty("message_type", &p.message_type)?;
             nonempty("bigquery.dataset", &p.bigquery.dataset)?;
             nonempty("bigquery.table", &p.bigquery.table)?;
+            if p.type_attribute.is_some() && !p.bigquery.table.contains("{type}") {
+                return Err(format!(
+                    "{at}.type_attribute: messages of several types need one table per type: put {{type}} in bigquery.table (e.g. \"logs_{{type}}\")"
+                ));
+            }
             nonempty("archive.bucket", &p.archive.bucket)?;
             nonempty("dead_letter.bucket", &p.dead_letter.bucket)?;
             p.bigquery.batch.validate(&format!("{at}.bigquery.batch"))?;
@@ -413,6 +425,20 @@ pipelines:
             let e = err(&yaml);
             assert!(e.contains(needle), "expected `{needle}` in: {e}");
         }
+    }
+
+    #[test]
+    fn a_type_attribute_needs_a_per_type_table() {
+        let yaml = GOOD.replace(
+            "message_type: acme.http.v1.HttpAccessLog",
+            "message_type: acme.http.v1.HttpAccessLog\n    type_attribute: t",
+        );
+        assert!(
+            err(&yaml).contains("pipelines[0].type_attribute"),
+            "{}",
+            err(&yaml)
+        );
+        assert!(Config::parse(&yaml.replace("table: http", "table: \"logs_{type}\"")).is_ok());
     }
 
     #[test]

@@ -43,7 +43,13 @@ pub async fn inspect(cfg: &Config, clients: &Clients) -> anyhow::Result<Vec<Pipe
     for p in &cfg.pipelines {
         let sub = p.subscription_path(&cfg.project);
         let short = sub.rsplit('/').next().unwrap_or(&sub).to_string();
-        let table = format!("{}.{}", p.bigquery.dataset, p.bigquery.table);
+        // With a per-type table name, the default type's table is the one counted.
+        let type_name = p.message_type.rsplit('.').next().unwrap_or(&p.message_type);
+        let table = format!(
+            "{}.{}",
+            p.bigquery.dataset,
+            crate::routing::table_name(&p.bigquery.table, type_name)
+        );
         let counts = clients
             .bq
             .query(&format!(

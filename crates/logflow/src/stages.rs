@@ -21,9 +21,11 @@ use logflow_core::batch::next_batch;
 use logflow_core::{BatchLimits, Classify, Envelope, ErrorClass, Record, Stats};
 use logflow_gcs::deadletter::Failure;
 use logflow_gcs::{Gcs, ObjectNamer, archive, deadletter};
-use logflow_schema::{RowEncoder, RowMeta};
+use logflow_schema::{RowMeta, table_schema};
 use tokio::sync::mpsc;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
+
+use crate::routing::{Route, TypeRouter};
 
 /// A message that goes to the dead-letter path, with the reason.
 #[derive(Debug)]
@@ -34,9 +36,10 @@ pub struct DeadItem {
     pub failure: Failure,
 }
 
-/// Decoded rows ready for one insertAll call: row `i` is `buf[ends[i-1]..ends[i]]`.
-#[derive(Debug, Default)]
+/// Decoded rows of one type, for one table: row `i` is `buf[ends[i-1]..ends[i]]`.
+#[derive(Debug)]
 pub struct RowBatch {
+    route: Arc<Route>,
     envs: Vec<Envelope>,
     buf: Vec<u8>,
     ends: Vec<usize>,
@@ -62,8 +65,8 @@ pub struct StageContext {
     pub pipeline: String,
     /// Full subscription name (rows, files).
     pub subscription: Arc<str>,
-    /// The payloads' row encoder.
-    pub encoder: Arc<RowEncoder>,
+    /// Message type and table of each message.
+    pub router: Arc<TypeRouter>,
     /// Counters.
     pub stats: Arc<Stats>,
 }
@@ -152,10 +155,13 @@ pub async fn decode_stage(
     let estimate = |e: &Envelope| e.record.data.len() * 2 + 256;
     while let Some(batch) = next_batch(&mut rx, &limits, estimate).await {
         let c = Arc::clone(&ctx);
-        let (rows, dead) = tokio::task::spawn_blocking(move || encode_rows(&c, batch)).await?;
-        ctx.stats.add(&ctx.stats.decoded, rows.envs.len() as u64);
-        if !rows.envs.is_empty() && insert_tx.send(rows).await.is_err() {
-            anyhow::bail!("the insert stage stopped");
+        let (row_batches, dead) =
+            tokio::task::spawn_blocking(move || encode_rows(&c, batch)).await?;
+        for rows in row_batches {
+            ctx.stats.add(&ctx.stats.decoded, rows.envs.len() as u64);
+            if insert_tx.send(rows).await.is_err() {
+                anyhow::bail!("the insert stage stopped");
+            }
         }
         for d in dead {
             if dead_tx.send(d).await.is_err() {
@@ -166,17 +172,40 @@ pub async fn decode_stage(
     Ok(())
 }
 
-fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (RowBatch, Vec<DeadItem>) {
+fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (Vec<RowBatch>, Vec<DeadItem>) {
     let now = logflow_core::time::now_micros();
     let payload: usize = batch.iter().map(|e| e.record.data.len()).sum();
-    let mut rows = RowBatch {
-        envs: Vec::with_capacity(batch.len()),
-        buf: Vec::with_capacity(payload * 2 + batch.len() * 256),
-        ends: Vec::with_capacity(batch.len()),
-    };
+    let (rows_cap, bytes_cap) = (batch.len(), payload * 2 + batch.len() * 256);
+    // Usually one type per batch, so one RowBatch.
+    let mut out: Vec<RowBatch> = Vec::with_capacity(1);
     let mut dead = Vec::new();
     for env in batch {
         let r = &env.record;
+        let route = match ctx.router.route(r) {
+            Ok(route) => route,
+            Err(no) => {
+                let failure = Failure {
+                    error_class: no.class,
+                    error_message: no.message,
+                    message_type: no.message_type,
+                };
+                dead.push(DeadItem { env, failure });
+                continue;
+            }
+        };
+        let i = match out.iter().position(|b| Arc::ptr_eq(&b.route, &route)) {
+            Some(i) => i,
+            None => {
+                out.push(RowBatch {
+                    route: Arc::clone(&route),
+                    envs: Vec::with_capacity(rows_cap),
+                    buf: Vec::with_capacity(bytes_cap),
+                    ends: Vec::with_capacity(rows_cap),
+                });
+                out.len() - 1
+            }
+        };
+        let rows = &mut out[i];
         let meta = RowMeta {
             message_id: &r.message_id,
             publish_time_micros: r.publish_time_micros,
@@ -184,7 +213,7 @@ fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (RowBatch, Vec<DeadI
             subscription: &ctx.subscription,
             ingest_time_micros: now,
         };
-        match ctx.encoder.encode(&meta, &r.data, &mut rows.buf) {
+        match route.encoder.encode(&meta, &r.data, &mut rows.buf) {
             Ok(()) => {
                 rows.ends.push(rows.buf.len());
                 rows.envs.push(env);
@@ -194,30 +223,43 @@ fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (RowBatch, Vec<DeadI
                 failure: Failure {
                     error_class: e.kind.as_str(),
                     error_message: e.message,
-                    message_type: ctx.encoder.descriptor().full_name().to_string(),
+                    message_type: route.encoder.descriptor().full_name().to_string(),
                 },
             }),
         }
     }
-    (rows, dead)
+    out.retain(|b| !b.envs.is_empty());
+    (out, dead)
 }
 
-/// Inserts row batches into BigQuery, `concurrency` requests at a time.
+/// Inserts row batches into BigQuery, `concurrency` requests at a time. A table seen for the
+/// first time (a new message type) is created or extended first.
 pub async fn insert_stage(
     ctx: Arc<StageContext>,
     bq: BigQuery,
     dataset: String,
-    table: String,
     concurrency: usize,
     mut rx: mpsc::Receiver<RowBatch>,
     dead_tx: mpsc::Sender<DeadItem>,
 ) -> anyhow::Result<()> {
+    let mut ready: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
+    ready.insert(Arc::clone(&ctx.router.default_route().table));
     let mut inflight = FuturesUnordered::new();
     loop {
         tokio::select! {
             Some(r) = inflight.next(), if !inflight.is_empty() => r?,
             b = rx.recv(), if inflight.len() < concurrency => match b {
-                Some(b) => inflight.push(insert_batch(&ctx, &bq, &dataset, &table, b, &dead_tx)),
+                Some(b) => {
+                    if !ready.contains(&b.route.table) {
+                        if let Err(e) = prepare_table(&ctx, &bq, &dataset, &b.route).await {
+                            // Dropping the batch nacks it: its messages come back later.
+                            on_write_error(&ctx, "table preparation", b.envs.len(), e)?;
+                            continue;
+                        }
+                        ready.insert(Arc::clone(&b.route.table));
+                    }
+                    inflight.push(insert_batch(&ctx, &bq, &dataset, b, &dead_tx));
+                }
                 None => break,
             },
         }
@@ -228,14 +270,33 @@ pub async fn insert_stage(
     Ok(())
 }
 
+/// Creates or extends the table of a message type seen for the first time.
+async fn prepare_table(
+    ctx: &StageContext,
+    bq: &BigQuery,
+    dataset: &str,
+    route: &Route,
+) -> Result<(), logflow_bigquery::BqError> {
+    let md = route.encoder.descriptor();
+    // The encoder exists, so the type was planned: its schema cannot fail here.
+    let schema = table_schema(md).map_err(|e| logflow_bigquery::BqError::Protocol {
+        op: "schema",
+        target: md.full_name().to_string(),
+        message: e.to_string(),
+    })?;
+    let status = bq.ensure_table(dataset, &route.table, schema).await?;
+    info!(pipeline = %ctx.pipeline, table = %route.table, message_type = md.full_name(), ?status, "table ready for a message type");
+    Ok(())
+}
+
 async fn insert_batch(
     ctx: &StageContext,
     bq: &BigQuery,
     dataset: &str,
-    table: &str,
     batch: RowBatch,
     dead_tx: &mpsc::Sender<DeadItem>,
 ) -> anyhow::Result<()> {
+    let table = &*batch.route.table;
     let mut start = 0;
     let rows: Vec<(&str, &[u8])> = batch
         .envs
@@ -265,7 +326,7 @@ async fn insert_batch(
                 let failure = Failure {
                     error_class: "bigquery_invalid",
                     error_message: format!("{}: {}", r.reason, r.message),
-                    message_type: ctx.encoder.descriptor().full_name().to_string(),
+                    message_type: batch.route.encoder.descriptor().full_name().to_string(),
                 };
                 if dead_tx.send(DeadItem { env, failure }).await.is_err() {
                     anyhow::bail!("the dead-letter stage stopped");

@@ -11,7 +11,7 @@ use logflow_bigquery::{BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES};
 use logflow_core::{NoAuth, Stats, TokenProvider};
 use logflow_gcs::{Gcs, GcsOptions, ObjectNamer};
 use logflow_pubsub::{PubsubSource, SourceOptions};
-use logflow_schema::{Registry, RowEncoder, table_schema};
+use logflow_schema::{Registry, table_schema};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 use crate::auth::AdcTokens;
 use crate::config::{Config, PipelineConfig};
 use crate::endpoints::Endpoints;
+use crate::routing::TypeRouter;
 use crate::stages::{self, GcsOutput, StageContext};
 
 /// Envelopes buffered between the source and each branch. Small: the real bound on memory is
@@ -200,22 +201,26 @@ async fn prepare(
     clients: &Clients,
 ) -> anyhow::Result<(Arc<StageContext>, PipelineConfig)> {
     let at = format!("pipelines[{i}] ({})", p.name);
-    let md = registry
-        .message(&p.message_type)
-        .with_context(|| format!("{at}.message_type"))?;
-    let encoder = RowEncoder::new(md.clone()).with_context(|| format!("{at}.message_type"))?;
-    let schema = table_schema(&md)?;
+    let router = TypeRouter::new(
+        registry.clone(),
+        &p.message_type,
+        &p.bigquery.table,
+        p.type_attribute.clone(),
+    )
+    .with_context(|| format!("{at}.message_type"))?;
+    let default = router.default_route();
+    let schema = table_schema(default.encoder.descriptor())?;
     let status = clients
         .bq
-        .ensure_table(&p.bigquery.dataset, &p.bigquery.table, schema)
+        .ensure_table(&p.bigquery.dataset, &default.table, schema)
         .await
         .with_context(|| {
             format!(
                 "{at}.bigquery: cannot use table {}.{}.{} (the dataset must exist: `bq mk --dataset {}:{}`)",
-                cfg.project, p.bigquery.dataset, p.bigquery.table, cfg.project, p.bigquery.dataset
+                cfg.project, p.bigquery.dataset, default.table, cfg.project, p.bigquery.dataset
             )
         })?;
-    let table = format!("{}.{}", p.bigquery.dataset, p.bigquery.table);
+    let table = format!("{}.{}", p.bigquery.dataset, default.table);
     if status.created {
         info!(pipeline = %p.name, table = %table, "created the table from the message type");
     }
@@ -243,7 +248,7 @@ async fn prepare(
     let ctx = StageContext {
         pipeline: p.name.clone(),
         subscription: Arc::from(p.subscription_path(&cfg.project)),
-        encoder: Arc::new(encoder),
+        router: Arc::new(router),
         stats: Arc::new(Stats::default()),
     };
     Ok((Arc::new(ctx), p.clone()))
@@ -286,7 +291,6 @@ async fn run_pipeline(
         Arc::clone(&ctx),
         clients.bq.clone(),
         p.bigquery.dataset.clone(),
-        p.bigquery.table.clone(),
         p.bigquery.concurrency,
         insert_rx,
         dead_tx,

@@ -581,3 +581,115 @@ async fn an_older_table_gains_the_new_columns() {
         assert_eq!(cell_str(&r[2]), Some(labels.to_string()), "row {id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_name_their_type_and_get_a_table_each() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = (unique("raw"), unique("dlq"), unique("ds").replace('-', "_"));
+    emu.bucket(&raw).await.unwrap();
+    emu.bucket(&dlq).await.unwrap();
+    emu.dataset(&dataset).await.unwrap();
+    let topic = unique("mixed");
+    let subscription = format!("{topic}-sub");
+    let topic_path = emu
+        .topic_and_subscription(&topic, &subscription)
+        .await
+        .unwrap();
+    let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
+    let now = logflow_core::time::now_micros() / 1_000_000;
+    let mut items = Vec::new();
+    let mut expected = Vec::new(); // (table or dead-letter class, payload)
+    for (ty, attr, n) in [
+        ("acme.http.v1.HttpAccessLog", None, 20),
+        ("acme.auth.v1.AuthEvent", Some("acme.auth.v1.AuthEvent"), 15),
+        ("acme.auth.v1.AuthEvent", Some("acme.auth.v1.NoSuchType"), 5),
+    ] {
+        let md = registry.message(ty).unwrap();
+        for s in SampleGen::new(n as u64, now).samples(&md, n, 0.0) {
+            let attrs: Vec<(String, String)> = attr
+                .map(|a| ("logflow-type".to_string(), a.to_string()))
+                .into_iter()
+                .collect();
+            let dest = match attr {
+                None => "logs_http_access_log",
+                Some("acme.auth.v1.AuthEvent") => "logs_auth_event",
+                Some(_) => "unknown_message_type",
+            };
+            expected.push(dest);
+            items.push((s.payload, attrs));
+        }
+    }
+    let publisher = publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
+        .await
+        .unwrap();
+    let ids = publish::publish_all(&publisher, items).await.unwrap();
+    let yaml = format!(
+        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\npipelines:\n  - name: mixed\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
+        emu.project,
+        schemas_dir().display()
+    );
+    let cfg = load_config(&yaml);
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let stats = &running.stats[0].1;
+    let total = ids.len() as u64;
+    let snap = tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
+        .await
+        .expect("all acked");
+    shutdown.cancel();
+    running.done.await.unwrap().unwrap();
+    assert_eq!(snap.nacked, 0, "{snap:?}");
+
+    for table in ["logs_http_access_log", "logs_auth_event"] {
+        let want: BTreeSet<&str> = ids
+            .iter()
+            .zip(&expected)
+            .filter(|(_, d)| **d == table)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        let rows = clients
+            .bq
+            .query(&format!(
+                "SELECT _message_id, _message_type FROM {dataset}.{table}"
+            ))
+            .await
+            .unwrap();
+        let got: BTreeSet<String> = rows.iter().map(|r| cell_str(&r[0]).unwrap()).collect();
+        assert_eq!(
+            got.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+            want,
+            "{table}"
+        );
+    }
+    let mut dead = BTreeMap::new();
+    for obj in clients
+        .gcs
+        .list(&dlq, &format!("dlq/{subscription}/"))
+        .await
+        .unwrap()
+    {
+        for line in deadletter::decode(&clients.gcs.get(&dlq, &obj.name).await.unwrap()).unwrap() {
+            dead.insert(
+                line.message_id.clone(),
+                (line.error_class.clone(), line.message_type.clone()),
+            );
+        }
+    }
+    let want_dead: BTreeSet<&str> = ids
+        .iter()
+        .zip(&expected)
+        .filter(|(_, d)| **d == "unknown_message_type")
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert_eq!(
+        dead.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        want_dead
+    );
+    for (class, ty) in dead.values() {
+        assert_eq!(class, "unknown_message_type");
+        assert_eq!(ty, "acme.auth.v1.NoSuchType");
+    }
+}
