@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_pubsub::client::Subscriber;
-use google_cloud_pubsub::subscriber::ShutdownBehavior;
 use google_cloud_pubsub::subscriber::handler::Handler;
+use google_cloud_pubsub::subscriber::{ShutdownBehavior, ShutdownToken};
 use logflow_core::{AckHandle, AckPart, Envelope, Record, RetryPolicy, Stats};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -22,11 +22,20 @@ const REOPEN_BACKOFF: RetryPolicy = RetryPolicy {
     max_backoff: Duration::from_secs(30),
 };
 
+/// The flow-control budget the streams of one subscription share.
+struct Budget {
+    max_bytes: usize,
+    messages: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+}
+
 /// Source settings of one pipeline.
 #[derive(Debug, Clone)]
 pub struct SourceOptions {
     /// Full subscription name, `projects/{project}/subscriptions/{id}`.
     pub subscription: String,
+    /// Parallel StreamingPull streams (Pub/Sub serves about 10 MB/s per stream).
+    pub streams: usize,
     /// Messages held (received, not yet acked or nacked) at most.
     pub max_outstanding_messages: usize,
     /// Payload bytes held at most.
@@ -104,9 +113,10 @@ impl PubsubSource {
         PubsubSource { client, options }
     }
 
-    /// Pulls until `shutdown` is cancelled, sending every message to each of `outputs` with its
-    /// own ack part. On shutdown, drops the outputs (so the stages drain and flush), then waits
-    /// for the outstanding messages to be acked or nacked and for the acks to reach Pub/Sub.
+    /// Pulls until `shutdown` is cancelled, on `options.streams` StreamingPull streams that share
+    /// one flow-control budget, sending every message to each of `outputs` with its own ack part.
+    /// On shutdown, drops the outputs (so the stages drain and flush), then waits for the
+    /// outstanding messages to be acked or nacked and for the acks to reach Pub/Sub.
     pub async fn run(
         self,
         outputs: [mpsc::Sender<Envelope>; 2],
@@ -114,9 +124,57 @@ impl PubsubSource {
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
         let o = &self.options;
-        let max_bytes = o.max_outstanding_bytes.clamp(1, u32::MAX as usize);
-        let messages = Arc::new(Semaphore::new(o.max_outstanding_messages.max(1)));
-        let bytes = Arc::new(Semaphore::new(max_bytes));
+        let budget = Budget {
+            max_bytes: o.max_outstanding_bytes.clamp(1, u32::MAX as usize),
+            messages: Arc::new(Semaphore::new(o.max_outstanding_messages.max(1))),
+            bytes: Arc::new(Semaphore::new(
+                o.max_outstanding_bytes.clamp(1, u32::MAX as usize),
+            )),
+        };
+        // One failing stream (a permanent error, the pipeline gone) stops the others.
+        let stop = shutdown.child_token();
+        let loops: Vec<_> = (0..o.streams.max(1))
+            .map(|i| {
+                self.stream_loop(
+                    i,
+                    outputs.clone(),
+                    &budget,
+                    Arc::clone(&stats),
+                    stop.clone(),
+                )
+            })
+            .collect();
+        drop(outputs);
+        let mut result = Ok(());
+        let mut tokens = Vec::new();
+        for (r, t) in futures::future::join_all(loops).await {
+            tokens.extend(t);
+            if let Err(e) = r
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        // Every sender is gone now: wait for the held messages to be decided and their acks
+        // flushed to Pub/Sub.
+        for t in tokens {
+            t.shutdown().await;
+        }
+        info!(subscription = %o.subscription, "source stopped");
+        result
+    }
+
+    /// One StreamingPull stream, re-opened on failure until `stop`. Returns the shutdown tokens
+    /// of the streams it opened; its senders are dropped when it returns.
+    async fn stream_loop(
+        &self,
+        index: usize,
+        outputs: [mpsc::Sender<Envelope>; 2],
+        budget: &Budget,
+        stats: Arc<Stats>,
+        stop: CancellationToken,
+    ) -> (Result<(), SourceError>, Vec<ShutdownToken>) {
+        let o = &self.options;
         let mut failures = 0u32;
         let mut tokens = Vec::new();
         let result = 'streams: loop {
@@ -124,20 +182,20 @@ impl PubsubSource {
                 .client
                 .subscribe(o.subscription.clone())
                 .set_max_outstanding_messages(o.max_outstanding_messages as i64)
-                .set_max_outstanding_bytes(max_bytes as i64)
+                .set_max_outstanding_bytes(budget.max_bytes as i64)
                 .set_max_lease_extension(o.lease_extension)
                 .set_max_lease(o.max_lease)
                 .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
                 .build();
             tokens.push(stream.shutdown_token());
-            info!(subscription = %o.subscription, "streaming pull opened");
+            info!(subscription = %o.subscription, stream = index, "streaming pull opened");
             loop {
                 let message_permit = tokio::select! {
-                    _ = shutdown.cancelled() => break 'streams Ok(()),
-                    p = Arc::clone(&messages).acquire_owned() => p.expect("semaphore never closed"),
+                    _ = stop.cancelled() => break 'streams Ok(()),
+                    p = Arc::clone(&budget.messages).acquire_owned() => p.expect("semaphore never closed"),
                 };
                 let next = tokio::select! {
-                    _ = shutdown.cancelled() => break 'streams Ok(()),
+                    _ = stop.cancelled() => break 'streams Ok(()),
                     n = stream.next() => n,
                 };
                 let (msg, handler) = match next {
@@ -157,14 +215,14 @@ impl PubsubSource {
                         }
                         failures += 1;
                         let wait = REOPEN_BACKOFF.jittered_backoff(failures);
-                        warn!(subscription = %o.subscription, error = %e, retry_in = ?wait, "streaming pull failed, re-opening");
+                        warn!(subscription = %o.subscription, stream = index, error = %e, retry_in = ?wait, "streaming pull failed, re-opening");
                         tokio::select! {
-                            _ = shutdown.cancelled() => break 'streams Ok(()),
+                            _ = stop.cancelled() => break 'streams Ok(()),
                             _ = tokio::time::sleep(wait) => continue 'streams,
                         }
                     }
                     None => {
-                        warn!(subscription = %o.subscription, "streaming pull ended, re-opening");
+                        warn!(subscription = %o.subscription, stream = index, "streaming pull ended, re-opening");
                         continue 'streams;
                     }
                 };
@@ -176,10 +234,10 @@ impl PubsubSource {
                         .map(|(k, v)| k.len() + v.len())
                         .sum::<usize>();
                 // A message larger than the byte budget takes all of it, and waits for it.
-                let need = size.clamp(1, max_bytes) as u32;
+                let need = size.clamp(1, budget.max_bytes) as u32;
                 let bytes_permit = tokio::select! {
-                    _ = shutdown.cancelled() => break 'streams Ok(()),
-                    p = Arc::clone(&bytes).acquire_many_owned(need) => p.expect("semaphore never closed"),
+                    _ = stop.cancelled() => break 'streams Ok(()),
+                    p = Arc::clone(&budget.bytes).acquire_many_owned(need) => p.expect("semaphore never closed"),
                 };
                 let record = Arc::new(to_record(msg, handler.delivery_attempt()));
                 stats.add(&stats.received, 1);
@@ -203,13 +261,10 @@ impl PubsubSource {
                 }
             }
         };
-        drop(outputs);
-        // Wait for the held messages to be decided and their acks flushed to Pub/Sub.
-        for t in tokens {
-            t.shutdown().await;
+        if result.is_err() {
+            stop.cancel();
         }
-        info!(subscription = %o.subscription, "source stopped");
-        result
+        (result, tokens)
     }
 }
 

@@ -67,6 +67,10 @@ pub struct PipelineConfig {
     /// Bounds on messages held by the worker.
     #[serde(default)]
     pub flow_control: FlowControlConfig,
+    /// Parallel StreamingPull streams on the subscription, sharing the flow-control budget.
+    /// Pub/Sub serves about 10 MB/s per stream; the emulator about 2,000 messages/s.
+    #[serde(default = "default_streams")]
+    pub streams: usize,
 }
 
 /// BigQuery destination of a pipeline.
@@ -145,6 +149,9 @@ impl Default for FlowControlConfig {
     }
 }
 
+fn default_streams() -> usize {
+    2
+}
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(25)
 }
@@ -292,6 +299,9 @@ impl Config {
             p.dead_letter
                 .batch
                 .validate(&format!("{at}.dead_letter.batch"))?;
+            if !(1..=32).contains(&p.streams) {
+                return Err(format!("{at}.streams: must be between 1 and 32"));
+            }
             if p.bigquery.concurrency == 0 {
                 return Err(format!("{at}.bigquery.concurrency: must be at least 1"));
             }

@@ -165,6 +165,7 @@ pub async fn start(
             clients.subscriber.clone(),
             SourceOptions {
                 subscription: ctx.subscription.to_string(),
+                streams: p.streams,
                 max_outstanding_messages: p.flow_control.max_outstanding_messages,
                 max_outstanding_bytes: p.flow_control.max_outstanding_bytes,
                 lease_extension: p.flow_control.lease_extension,

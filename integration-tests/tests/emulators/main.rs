@@ -3,4 +3,6 @@
 //! they are not compiled.
 #![cfg(feature = "emulator-tests")]
 
+mod common;
+mod consumption;
 mod pipeline;

@@ -3,78 +3,19 @@
 //! (with its bytes and reason), and nothing is left unacked.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::Duration;
 
-use logflow::config::Config;
 use logflow::publish;
-use logflow::samples::{Sample, SampleGen};
+use logflow::samples::SampleGen;
 use logflow::worker::{self, Clients};
 use logflow_gcs::{archive, deadletter};
 use logflow_integration_tests::{Emulators, schemas_dir, unique};
+
+use crate::common::{
+    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, publish_samples,
+    run_until_acked,
+};
 use prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
 use tokio_util::sync::CancellationToken;
-
-/// Bound on how long the worker may take to process a test's messages.
-const PROCESS_TIMEOUT: Duration = Duration::from_secs(180);
-
-struct Stream {
-    pipeline: String,
-    subscription: String,
-    table: String,
-    message_type: String,
-    /// message id → sample published under it.
-    published: HashMap<String, Sample>,
-}
-
-fn config_yaml(project: &str, raw: &str, dlq: &str, dataset: &str, streams: &[&Stream]) -> String {
-    let mut y = format!(
-        "project: {project}\nschemas: {{ proto_dirs: [\"{}\"] }}\nshutdown_grace: 20s\nretry: {{ max_attempts: 5, max_elapsed: 30s }}\npipelines:\n",
-        schemas_dir().display()
-    );
-    for s in streams {
-        y.push_str(&format!(
-            "  - name: {}\n    subscription: {}\n    message_type: {}\n    bigquery: {{ dataset: {dataset}, table: {}, batch: {{ max_items: 200, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, prefix: raw, batch: {{ max_items: 250, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
-            s.pipeline, s.subscription, s.message_type, s.table
-        ));
-    }
-    y
-}
-
-fn load_config(yaml: &str) -> Config {
-    let dir = std::env::temp_dir().join(unique("logflow-it"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("config.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
-}
-
-async fn publish_samples(
-    emu: &Emulators,
-    topic: &str,
-    message_type: &str,
-    n: usize,
-    seed: u64,
-) -> HashMap<String, Sample> {
-    let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
-    let md = registry.message(message_type).unwrap();
-    let now = logflow_core::time::now_micros() / 1_000_000;
-    let samples = SampleGen::new(seed, now).samples(&md, n, 0.1);
-    assert!(
-        samples.iter().any(|s| s.malformed.is_some())
-            && samples.iter().any(|s| s.malformed.is_none())
-    );
-    let publisher = publish::publisher(topic, emu.endpoints.pubsub.as_deref())
-        .await
-        .unwrap();
-    let items = samples.iter().map(|s| {
-        (
-            s.payload.clone(),
-            vec![("source".to_string(), "it".to_string())],
-        )
-    });
-    let ids = publish::publish_all(&publisher, items).await.unwrap();
-    ids.into_iter().zip(samples).collect()
-}
 
 /// The named field of a message, following a `a.b` path; `None` when unset along the way.
 fn field<'a>(m: &'a DynamicMessage, path: &str) -> Option<std::borrow::Cow<'a, Value>> {
@@ -272,10 +213,7 @@ async fn verify(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_is_archived_and_inserted_or_dead_lettered() {
     let emu = Emulators::from_env();
-    let (raw, dlq, dataset) = (unique("raw"), unique("dlq"), unique("ds").replace('-', "_"));
-    emu.bucket(&raw).await.unwrap();
-    emu.bucket(&dlq).await.unwrap();
-    emu.dataset(&dataset).await.unwrap();
+    let (raw, dlq, dataset) = destinations(&emu).await;
     let mut streams = Vec::new();
     for (i, (name, ty)) in [
         ("http", "acme.http.v1.HttpAccessLog"),
@@ -384,10 +322,7 @@ async fn every_message_is_archived_and_inserted_or_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_bigquery_rejects_go_to_the_dead_letter_path() {
     let emu = Emulators::from_env();
-    let (raw, dlq, dataset) = (unique("raw"), unique("dlq"), unique("ds").replace('-', "_"));
-    emu.bucket(&raw).await.unwrap();
-    emu.bucket(&dlq).await.unwrap();
-    emu.dataset(&dataset).await.unwrap();
+    let (raw, dlq, dataset) = destinations(&emu).await;
     // A table made by hand whose `remote_ip` column cannot hold the strings the worker sends:
     // BigQuery answers with per-row `invalid` errors.
     let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
@@ -415,17 +350,8 @@ async fn rows_bigquery_rejects_go_to_the_dead_letter_path() {
     };
     let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    let stats = &running.stats[0].1;
     let total = stream.published.len() as u64;
-    let snap = tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
-        .await
-        .expect("all acked");
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
+    let snap = run_until_acked(cfg, &clients, total).await;
     assert_eq!(snap.inserted, 0, "{snap:?}");
     assert_eq!(snap.dead_lettered, total, "{snap:?}");
 
@@ -513,10 +439,7 @@ async fn start_fails_clearly_when_a_destination_is_missing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_table_gains_the_new_columns() {
     let emu = Emulators::from_env();
-    let (raw, dlq, dataset) = (unique("raw"), unique("dlq"), unique("ds").replace('-', "_"));
-    emu.bucket(&raw).await.unwrap();
-    emu.bucket(&dlq).await.unwrap();
-    emu.dataset(&dataset).await.unwrap();
+    let (raw, dlq, dataset) = destinations(&emu).await;
     // The table as an older producer schema made it: without `remote_ip` and `labels`.
     let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
     let ty = "acme.http.v1.HttpAccessLog";
@@ -543,17 +466,8 @@ async fn an_older_table_gains_the_new_columns() {
     };
     let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    let stats = &running.stats[0].1;
     let total = stream.published.len() as u64;
-    tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
-        .await
-        .expect("all acked");
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
+    run_until_acked(cfg, &clients, total).await;
 
     let rows = clients
         .bq
@@ -585,10 +499,7 @@ async fn an_older_table_gains_the_new_columns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_name_their_type_and_get_a_table_each() {
     let emu = Emulators::from_env();
-    let (raw, dlq, dataset) = (unique("raw"), unique("dlq"), unique("ds").replace('-', "_"));
-    emu.bucket(&raw).await.unwrap();
-    emu.bucket(&dlq).await.unwrap();
-    emu.dataset(&dataset).await.unwrap();
+    let (raw, dlq, dataset) = destinations(&emu).await;
     let topic = unique("mixed");
     let subscription = format!("{topic}-sub");
     let topic_path = emu
@@ -630,17 +541,8 @@ async fn messages_name_their_type_and_get_a_table_each() {
     );
     let cfg = load_config(&yaml);
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    let stats = &running.stats[0].1;
     let total = ids.len() as u64;
-    let snap = tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
-        .await
-        .expect("all acked");
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
+    let snap = run_until_acked(cfg, &clients, total).await;
     assert_eq!(snap.nacked, 0, "{snap:?}");
 
     for table in ["logs_http_access_log", "logs_auth_event"] {

@@ -1,0 +1,323 @@
+//! Pub/Sub consumption: several workers on one subscription, and graceful shutdown of the real
+//! binary on SIGTERM.
+
+use std::collections::BTreeSet;
+use std::io::BufRead as _;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use logflow::worker::{self, Clients};
+use logflow_core::Stats;
+use logflow_gcs::{archive, deadletter};
+use logflow_integration_tests::{Emulators, unique};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{
+    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, publish_samples,
+};
+
+/// Waits until the workers' acks add up to `total`.
+async fn wait_acked(stats: &[&Stats], total: u64) {
+    let sum = || stats.iter().map(|s| s.snapshot().acked).sum::<u64>();
+    let deadline = tokio::time::Instant::now() + PROCESS_TIMEOUT;
+    while sum() < total {
+        let seen: Vec<u64> = stats.iter().map(|s| s.snapshot().acked).collect();
+        let changed = futures::future::select_all(
+            stats
+                .iter()
+                .zip(seen)
+                .map(|(s, n)| Box::pin(s.wait_for(move |x| x.acked > n))),
+        );
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            panic!("acked {} of {total} in time", sum());
+        }
+    }
+}
+
+/// Message ids in the archive objects of `subscription`, by object name.
+async fn archived(
+    clients: &Clients,
+    bucket: &str,
+    subscription: &str,
+) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for obj in clients
+        .gcs
+        .list(bucket, &format!("raw/{subscription}/"))
+        .await
+        .unwrap()
+    {
+        let ids = archive::decode(clients.gcs.get(bucket, &obj.name).await.unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|m| m.record.message_id)
+            .collect();
+        out.push((obj.name, ids));
+    }
+    out
+}
+
+async fn dead_lettered(clients: &Clients, bucket: &str, subscription: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for obj in clients
+        .gcs
+        .list(bucket, &format!("dlq/{subscription}/"))
+        .await
+        .unwrap()
+    {
+        for line in deadletter::decode(&clients.gcs.get(bucket, &obj.name).await.unwrap()).unwrap()
+        {
+            out.insert(line.message_id);
+        }
+    }
+    out
+}
+
+async fn row_ids(clients: &Clients, dataset: &str, table: &str) -> Vec<String> {
+    let rows = clients
+        .bq
+        .query(&format!("SELECT _message_id FROM {dataset}.{table}"))
+        .await
+        .unwrap();
+    rows.into_iter()
+        .filter_map(|r| r[0].as_ref().and_then(|v| v.as_str().map(str::to_string)))
+        .collect()
+}
+
+struct Setup {
+    emu: Emulators,
+    raw: String,
+    dlq: String,
+    dataset: String,
+    stream: Stream,
+}
+
+async fn setup(n: usize, seed: u64) -> Setup {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let topic = unique("consume");
+    let subscription = format!("{topic}-sub");
+    let topic_path = emu
+        .topic_and_subscription(&topic, &subscription)
+        .await
+        .unwrap();
+    let ty = "acme.auth.v1.AuthEvent";
+    let published = publish_samples(&emu, &topic_path, ty, n, seed).await;
+    let stream = Stream {
+        pipeline: "auth".into(),
+        subscription,
+        table: "auth".into(),
+        message_type: ty.into(),
+        published,
+    };
+    Setup {
+        emu,
+        raw,
+        dlq,
+        dataset,
+        stream,
+    }
+}
+
+/// Checks that every published message is archived, and in BigQuery or the dead-letter path.
+async fn assert_complete(s: &Setup, clients: &Clients) -> usize {
+    let all: BTreeSet<&str> = s.stream.published.keys().map(String::as_str).collect();
+    let objects = archived(clients, &s.raw, &s.stream.subscription).await;
+    let names: BTreeSet<&str> = objects.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.len(), objects.len(), "object names are unique");
+    let ids: Vec<&str> = objects
+        .iter()
+        .flat_map(|(_, ids)| ids.iter().map(String::as_str))
+        .collect();
+    let archived_set: BTreeSet<&str> = ids.iter().copied().collect();
+    assert_eq!(archived_set, all, "every message is in the raw archive");
+    let rows = row_ids(clients, &s.dataset, &s.stream.table).await;
+    let dead = dead_lettered(clients, &s.dlq, &s.stream.subscription).await;
+    let landed: BTreeSet<&str> = rows
+        .iter()
+        .map(String::as_str)
+        .chain(dead.iter().map(String::as_str))
+        .collect();
+    assert_eq!(
+        landed, all,
+        "every message is in BigQuery or the dead-letter path"
+    );
+    let valid = s
+        .stream
+        .published
+        .values()
+        .filter(|x| x.malformed.is_none())
+        .count();
+    assert_eq!(rows.iter().collect::<BTreeSet<_>>().len(), valid);
+    ids.len() - archived_set.len() // duplicates in the archive (allowed, reported)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_a_subscription_without_loss_or_collision() {
+    let s = setup(20_000, 21).await;
+    let cfg = load_config(&config_yaml(
+        &s.emu.project,
+        &s.raw,
+        &s.dlq,
+        &s.dataset,
+        &[&s.stream],
+    ));
+    let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let a = worker::start(cfg.clone(), clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let b = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let total = s.stream.published.len() as u64;
+    wait_acked(&[&a.stats[0].1, &b.stats[0].1], total).await;
+    shutdown.cancel();
+    a.done.await.unwrap().unwrap();
+    b.done.await.unwrap().unwrap();
+    let (sa, sb) = (a.stats[0].1.snapshot(), b.stats[0].1.snapshot());
+    assert!(
+        sa.received > 0 && sb.received > 0,
+        "both workers took messages: {sa:?} {sb:?}"
+    );
+    let dups = assert_complete(&s, &clients).await;
+    eprintln!(
+        "two workers: {} + {} received, {dups} duplicates in the archive",
+        sa.received, sb.received
+    );
+}
+
+fn logflow_binary() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/logflow");
+    assert!(
+        bin.exists(),
+        "{} missing: build the workspace first (make test does)",
+        bin.display()
+    );
+    bin
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_acks_and_exits_zero_leaving_nothing_durable_unacked() {
+    let s = setup(3_000, 31).await;
+    let yaml = config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream]);
+    let cfg = load_config(&yaml);
+    let dir = std::env::temp_dir().join(unique("logflow-sigterm"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let worker_id = unique("sigterm");
+
+    // The real binary, as Kubernetes runs it.
+    let mut child = Command::new(logflow_binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("LOGFLOW_WORKER_ID", &worker_id)
+        .env("LOGFLOW_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let log = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("worker started") {
+                // The test may have given up waiting: nobody to tell then.
+                started_tx.send(()).ok();
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the worker started");
+    // Messages are flowing once the first archive object exists; then stop the worker.
+    let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    while archived(&clients, &s.raw, &s.stream.subscription)
+        .await
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "nothing archived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stopped_at = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(30),
+            "no exit within the shutdown grace"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let lines = log.join().unwrap();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        lines.join("\n")
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("panicked")),
+        "{}",
+        lines.join("\n")
+    );
+
+    // What the first worker made durable must not come back: a second worker drains the rest.
+    let first: BTreeSet<String> = archived(&clients, &s.raw, &s.stream.subscription)
+        .await
+        .into_iter()
+        .filter(|(name, _)| name.contains(&worker_id))
+        .flat_map(|(_, ids)| ids)
+        .collect();
+    let total = s.stream.published.len() as u64;
+    let shutdown = CancellationToken::new();
+    let second = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    wait_acked(&[&second.stats[0].1], total - first.len() as u64).await;
+    // Anything the first worker left unacked is redelivered within the ack deadline (10 s) plus
+    // its lease extension (10 s): give that window a chance to show duplicates.
+    let window = Duration::from_secs(25).saturating_sub(stopped_at.elapsed());
+    tokio::time::sleep(window).await;
+    shutdown.cancel();
+    second.done.await.unwrap().unwrap();
+    let again: BTreeSet<String> = archived(&clients, &s.raw, &s.stream.subscription)
+        .await
+        .into_iter()
+        .filter(|(name, _)| !name.contains(&worker_id))
+        .flat_map(|(_, ids)| ids)
+        .collect();
+    let redelivered: Vec<&String> = first.intersection(&again).collect();
+    assert!(
+        redelivered.is_empty(),
+        "{} messages made durable before SIGTERM came back",
+        redelivered.len()
+    );
+    assert_eq!(
+        second.stats[0].1.snapshot().received,
+        total - first.len() as u64
+    );
+    let dups = assert_complete(&s, &clients).await;
+    assert_eq!(dups, 0);
+    eprintln!(
+        "sigterm: the first worker made {} of {total} messages durable before exiting; the second took the rest",
+        first.len()
+    );
+}
