@@ -23,6 +23,10 @@ pub struct Stats {
     pub nacked: AtomicU64,
     /// Transient failures that were retried.
     pub retries: AtomicU64,
+    /// Messages held now (received, not yet acked or nacked): bounded by flow control.
+    pub outstanding: AtomicU64,
+    /// The most messages held at once since start.
+    pub peak_outstanding: AtomicU64,
     changed: Notify,
 }
 
@@ -45,6 +49,10 @@ pub struct Snapshot {
     pub nacked: u64,
     /// See [`Stats::retries`].
     pub retries: u64,
+    /// See [`Stats::outstanding`].
+    pub outstanding: u64,
+    /// See [`Stats::peak_outstanding`].
+    pub peak_outstanding: u64,
 }
 
 impl Stats {
@@ -54,6 +62,17 @@ impl Stats {
             counter.fetch_add(n, Ordering::Relaxed);
             self.changed.notify_waiters();
         }
+    }
+
+    /// A message is now held (received, undecided).
+    pub fn hold(&self) {
+        let now = self.outstanding.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_outstanding.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// A held message was acked or nacked.
+    pub fn release(&self) {
+        self.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Reads every counter.
@@ -68,6 +87,8 @@ impl Stats {
             acked: r(&self.acked),
             nacked: r(&self.nacked),
             retries: r(&self.retries),
+            outstanding: r(&self.outstanding),
+            peak_outstanding: r(&self.peak_outstanding),
         }
     }
 

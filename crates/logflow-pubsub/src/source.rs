@@ -98,10 +98,12 @@ struct PubsubAck {
 
 impl AckHandle for PubsubAck {
     fn ack(self: Box<Self>) {
+        self.stats.release();
         self.stats.add(&self.stats.acked, 1);
         self.handler.ack();
     }
     fn nack(self: Box<Self>) {
+        self.stats.release();
         self.stats.add(&self.stats.nacked, 1);
         self.handler.nack();
     }
@@ -241,6 +243,7 @@ impl PubsubSource {
                 };
                 let record = Arc::new(to_record(msg, handler.delivery_attempt()));
                 stats.add(&stats.received, 1);
+                stats.hold();
                 let ack = PubsubAck {
                     handler,
                     stats: Arc::clone(&stats),
