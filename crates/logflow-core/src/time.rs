@@ -121,6 +121,76 @@ pub fn hive_partition(unix_micros: i64) -> String {
     )
 }
 
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Parses a UTC instant: `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+00:00)`, to µs
+/// since the epoch (fraction digits past the sixth are truncated). `None` when malformed.
+pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        let part = b.get(r)?;
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(part).ok()?.parse().ok()
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if b.get(4) != Some(&b'-')
+        || b.get(7) != Some(&b'-')
+        || !(1..=12).contains(&mo)
+        || !(1..=31).contains(&d)
+    {
+        return None;
+    }
+    let days = days_from_civil(i64::from(y), mo, d);
+    if b.len() == 10 {
+        return Some(days * 86_400_000_000);
+    }
+    if !matches!(b.get(10), Some(b'T' | b't' | b' '))
+        || b.get(13) != Some(&b':')
+        || b.get(16) != Some(&b':')
+    {
+        return None;
+    }
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut micros = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            if i - start < 6 {
+                micros = micros * 10 + i64::from(b[i] - b'0');
+            }
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        for _ in (i - start)..6 {
+            micros *= 10;
+        }
+    }
+    match &b[i..] {
+        b"Z" | b"z" | b"+00:00" => {}
+        _ => return None,
+    }
+    let secs = days * 86_400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(sec);
+    Some(secs * 1_000_000 + micros)
+}
+
 /// Microseconds since the Unix epoch, now.
 pub fn now_micros() -> i64 {
     std::time::SystemTime::now()
@@ -169,6 +239,44 @@ mod tests {
             let mut out = Vec::new();
             push_rfc3339_micros(&mut out, m);
             assert_eq!(String::from_utf8(out).unwrap(), rfc3339_micros(m), "{m}");
+        }
+    }
+
+    #[test]
+    fn parses_what_it_formats_and_common_forms() {
+        for m in [
+            0,
+            1_795_770_000_123_456,
+            -1,
+            951_782_400_000_000,
+            253_402_300_799_999_999,
+            -62_135_596_800_000_000,
+        ] {
+            assert_eq!(parse_rfc3339_utc(&rfc3339_micros(m)), Some(m), "{m}");
+        }
+        assert_eq!(parse_rfc3339_utc("2026-11-27"), Some(1_795_737_600_000_000));
+        assert_eq!(
+            parse_rfc3339_utc("2026-11-27T09:00:00Z"),
+            Some(1_795_770_000_000_000)
+        );
+        assert_eq!(
+            parse_rfc3339_utc("2026-11-27T09:00:00.5+00:00"),
+            Some(1_795_770_000_500_000)
+        );
+        assert_eq!(
+            parse_rfc3339_utc("2026-11-27T09:00:00.123456789Z"),
+            Some(1_795_770_000_123_456)
+        );
+        for bad in [
+            "",
+            "2026-13-01",
+            "2026-11-27T09:00:00",
+            "2026-11-27T09:00:00+02:00",
+            "2026/11/27",
+            "2026-11-27T9:00:00Z",
+            "2026-11-27T09:00:00.Z",
+        ] {
+            assert_eq!(parse_rfc3339_utc(bad), None, "{bad}");
         }
     }
 

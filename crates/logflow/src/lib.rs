@@ -12,6 +12,7 @@ pub mod config;
 pub mod endpoints;
 pub mod inspect;
 pub mod publish;
+pub mod replay;
 pub mod routing;
 pub mod samples;
 pub mod stages;

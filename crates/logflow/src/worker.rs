@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use logflow_bigquery::{BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES};
-use logflow_core::{NoAuth, Stats, TokenProvider};
+use logflow_core::{Envelope, NoAuth, Stats, TokenProvider};
 use logflow_gcs::{Gcs, GcsOptions, ObjectNamer};
 use logflow_pubsub::{PubsubSource, SourceOptions};
 use logflow_schema::{Registry, table_schema};
@@ -194,7 +194,9 @@ pub async fn start(
     Ok(RunningWorker { stats, done })
 }
 
-async fn prepare(
+/// Checks and prepares pipeline `i` (message types, its default table, its buckets) and builds
+/// the context its stages share.
+pub async fn prepare(
     cfg: &Config,
     i: usize,
     p: &PipelineConfig,
@@ -255,6 +257,47 @@ async fn prepare(
     Ok((Arc::new(ctx), p.clone()))
 }
 
+/// Spawns the stages that turn records into rows or dead letters (decode, insert, dead
+/// letter) into `set`; returns the decode stage's input. `run` feeds it from Pub/Sub, `replay`
+/// from GCS: one code path, two sources.
+pub fn spawn_row_stages(
+    ctx: &Arc<StageContext>,
+    p: &PipelineConfig,
+    clients: &Clients,
+    worker: &str,
+    set: &mut JoinSet<anyhow::Result<()>>,
+) -> mpsc::Sender<Envelope> {
+    let (decode_tx, decode_rx) = mpsc::channel(BRANCH_CHANNEL);
+    let (insert_tx, insert_rx) = mpsc::channel(INSERT_CHANNEL);
+    let (dead_tx, dead_rx) = mpsc::channel(DEAD_CHANNEL);
+    set.spawn(stages::decode_stage(
+        Arc::clone(ctx),
+        p.bigquery.batch,
+        decode_rx,
+        insert_tx,
+        dead_tx.clone(),
+    ));
+    set.spawn(stages::insert_stage(
+        Arc::clone(ctx),
+        clients.bq.clone(),
+        p.bigquery.dataset.clone(),
+        p.bigquery.concurrency,
+        insert_rx,
+        dead_tx,
+    ));
+    set.spawn(stages::dead_letter_stage(
+        Arc::clone(ctx),
+        GcsOutput {
+            gcs: clients.gcs.clone(),
+            bucket: p.dead_letter.bucket.clone(),
+            namer: ObjectNamer::new(&p.dead_letter.prefix, &ctx.subscription, worker),
+            limits: p.dead_letter.batch,
+        },
+        dead_rx,
+    ));
+    decode_tx
+}
+
 /// Runs one pipeline until shutdown or a permanent error.
 async fn run_pipeline(
     ctx: Arc<StageContext>,
@@ -266,9 +309,6 @@ async fn run_pipeline(
 ) -> anyhow::Result<()> {
     let token = shutdown.child_token();
     let (archive_tx, archive_rx) = mpsc::channel(BRANCH_CHANNEL);
-    let (decode_tx, decode_rx) = mpsc::channel(BRANCH_CHANNEL);
-    let (insert_tx, insert_rx) = mpsc::channel(INSERT_CHANNEL);
-    let (dead_tx, dead_rx) = mpsc::channel(DEAD_CHANNEL);
     let sub = ctx.subscription.to_string();
     let mut set: JoinSet<anyhow::Result<()>> = JoinSet::new();
     set.spawn(stages::archive_stage(
@@ -281,31 +321,7 @@ async fn run_pipeline(
         },
         archive_rx,
     ));
-    set.spawn(stages::decode_stage(
-        Arc::clone(&ctx),
-        p.bigquery.batch,
-        decode_rx,
-        insert_tx,
-        dead_tx.clone(),
-    ));
-    set.spawn(stages::insert_stage(
-        Arc::clone(&ctx),
-        clients.bq.clone(),
-        p.bigquery.dataset.clone(),
-        p.bigquery.concurrency,
-        insert_rx,
-        dead_tx,
-    ));
-    set.spawn(stages::dead_letter_stage(
-        Arc::clone(&ctx),
-        GcsOutput {
-            gcs: clients.gcs.clone(),
-            bucket: p.dead_letter.bucket.clone(),
-            namer: ObjectNamer::new(&p.dead_letter.prefix, &sub, worker),
-            limits: p.dead_letter.batch,
-        },
-        dead_rx,
-    ));
+    let decode_tx = spawn_row_stages(&ctx, &p, &clients, worker, &mut set);
     let stats = Arc::clone(&ctx.stats);
     let source_token = token.clone();
     set.spawn(async move {

@@ -6,3 +6,4 @@
 mod common;
 mod consumption;
 mod pipeline;
+mod replay;

@@ -1,0 +1,533 @@
+//! `logflow replay`: raw-archive (or dead-letter) objects from GCS back through a pipeline's
+//! decode → BigQuery / dead-letter stages: the same code path as `run`, another source.
+//!
+//! Guarantees:
+//! - idempotent in BigQuery: rows keep `insertId` = the original message id (deduplicated within
+//!   BigQuery's window, about a minute; see README for older duplicates);
+//! - nothing is skipped silently: an object that cannot be read, or a message whose row or dead
+//!   letter could not be written, makes the replay exit non-zero and is named in the log;
+//! - resumable: with `--checkpoint FILE`, every object whose messages all landed is recorded,
+//!   and a later run skips the recorded objects;
+//! - bounded: at most `--concurrency` objects are read at once, and the stages' channels are
+//!   bounded, so memory does not grow with the size of the replay.
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use logflow_core::time::{hive_partition, parse_rfc3339_utc};
+use logflow_core::{AckHandle, AckPart, Envelope, Record};
+use logflow_gcs::{archive, deadletter};
+use logflow_schema::RowMeta;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::worker::{self, Clients};
+
+/// How often progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Hour partitions are listed one by one for time ranges up to this long; longer ranges list
+/// the whole prefix and filter by partition name.
+const MAX_PRUNED_HOURS: i64 = 31 * 24;
+const HOUR_MICROS: i64 = 3_600_000_000;
+
+/// What to replay.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// The pipeline (by name) whose stages and destinations are used.
+    pub pipeline: String,
+    /// `gs://bucket/prefix` of the objects.
+    pub from: String,
+    /// Only messages published at or after this (µs since the epoch).
+    pub since: Option<i64>,
+    /// Only messages published before this (µs since the epoch).
+    pub until: Option<i64>,
+    /// The objects are dead-letter JSON Lines, not raw-archive Parquet.
+    pub dead_letters: bool,
+    /// Decode and count, write nothing.
+    pub dry_run: bool,
+    /// `DATASET.TABLE` to write to instead of the pipeline's table.
+    pub table: Option<String>,
+    /// File recording the objects already replayed.
+    pub checkpoint: Option<PathBuf>,
+    /// Objects read at once.
+    pub concurrency: usize,
+}
+
+/// The outcome of a replay.
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct ReplaySummary {
+    /// Objects found under the prefix (after time pruning).
+    pub objects: usize,
+    /// Objects skipped because the checkpoint lists them.
+    pub skipped: usize,
+    /// Objects whose every selected message landed.
+    pub completed: usize,
+    /// Objects that could not be read or decoded.
+    pub unreadable: usize,
+    /// Messages sent through the stages (or decoded, in a dry run).
+    pub messages: u64,
+    /// Messages outside `--since` / `--until`.
+    pub filtered_out: u64,
+    /// Rows accepted by BigQuery (in a dry run: rows that decoded).
+    pub inserted: u64,
+    /// Messages written to the dead-letter path (in a dry run: that would be).
+    pub dead_lettered: u64,
+    /// Messages whose outputs could not be written.
+    pub failed: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+}
+
+impl ReplaySummary {
+    /// True when everything selected landed.
+    pub fn ok(&self) -> bool {
+        self.unreadable == 0 && self.failed == 0
+    }
+}
+
+/// One object's messages in flight: when the last is decided, the object is done.
+struct ObjectProgress {
+    name: String,
+    remaining: AtomicUsize,
+    failed: AtomicBool,
+    done: mpsc::UnboundedSender<(String, bool)>,
+    failures: Arc<AtomicU64>,
+}
+
+impl ObjectProgress {
+    fn decide(&self, ok: bool) {
+        if !ok {
+            self.failed.store(true, Ordering::Release);
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The receiver lives until every object is decided.
+            self.done
+                .send((self.name.clone(), !self.failed.load(Ordering::Acquire)))
+                .ok();
+        }
+    }
+}
+
+struct ReplayAck(Arc<ObjectProgress>);
+
+impl AckHandle for ReplayAck {
+    fn ack(self: Box<Self>) {
+        self.0.decide(true);
+    }
+    fn nack(self: Box<Self>) {
+        self.0.decide(false);
+    }
+}
+
+fn parse_from(from: &str) -> anyhow::Result<(String, String)> {
+    let rest = from
+        .strip_prefix("gs://")
+        .with_context(|| format!("--from {from}: expected gs://BUCKET/PREFIX"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        bail!("--from {from}: expected gs://BUCKET/PREFIX");
+    }
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
+/// Parses `--since` / `--until` values.
+pub fn parse_time(flag: &str, v: &str) -> anyhow::Result<i64> {
+    parse_rfc3339_utc(v)
+        .with_context(|| format!("{flag} {v}: expected 2026-11-27 or 2026-11-27T09:00:00Z (UTC)"))
+}
+
+/// The hour (µs, floored) of a `.../dt=YYYY-MM-DD/hour=HH/...` object name.
+fn partition_hour(name: &str) -> Option<i64> {
+    let dt = name.find("dt=")?;
+    let date = name.get(dt + 3..dt + 13)?;
+    let h = name.find("/hour=")?;
+    let hour: i64 = name.get(h + 6..h + 8)?.parse().ok()?;
+    Some(parse_rfc3339_utc(date)? + hour * HOUR_MICROS)
+}
+
+/// Lists the objects to replay, pruning by hour partition when a time range is given.
+async fn list_objects(
+    clients: &Clients,
+    bucket: &str,
+    prefix: &str,
+    o: &ReplayOptions,
+) -> anyhow::Result<Vec<String>> {
+    let ext = if o.dead_letters {
+        deadletter::EXTENSION
+    } else {
+        archive::EXTENSION
+    };
+    let base = prefix.trim_end_matches('/');
+    let mut names = Vec::new();
+    match (o.since, o.until) {
+        (Some(since), Some(until))
+            if !base.contains("dt=") && (until - since) / HOUR_MICROS <= MAX_PRUNED_HOURS =>
+        {
+            let mut h = since.div_euclid(HOUR_MICROS) * HOUR_MICROS;
+            while h < until {
+                let p = format!("{base}/{}/", hive_partition(h));
+                names.extend(
+                    clients
+                        .gcs
+                        .list(bucket, p.trim_start_matches('/'))
+                        .await?
+                        .into_iter()
+                        .map(|x| x.name),
+                );
+                h += HOUR_MICROS;
+            }
+        }
+        _ => {
+            let p = if base.is_empty() {
+                String::new()
+            } else {
+                format!("{base}/")
+            };
+            names.extend(
+                clients
+                    .gcs
+                    .list(bucket, &p)
+                    .await?
+                    .into_iter()
+                    .map(|x| x.name),
+            );
+        }
+    }
+    names.retain(|n| n.ends_with(&format!(".{ext}")));
+    // Drop partitions wholly outside the range (long ranges, or a prefix below `dt=`).
+    names.retain(|n| match partition_hour(n) {
+        Some(h) => o.since.is_none_or(|s| h + HOUR_MICROS > s) && o.until.is_none_or(|u| h < u),
+        None => true,
+    });
+    names.sort();
+    Ok(names)
+}
+
+/// Reads one object into records.
+async fn read_object(
+    clients: &Clients,
+    bucket: &str,
+    name: &str,
+    dead_letters: bool,
+) -> anyhow::Result<Vec<Record>> {
+    let file = clients.gcs.get(bucket, name).await?;
+    if !dead_letters {
+        let file = Bytes::clone(&file);
+        return Ok(tokio::task::spawn_blocking(move || archive::decode(file))
+            .await??
+            .into_iter()
+            .map(|m| m.record)
+            .collect());
+    }
+    deadletter::decode(&file)?
+        .into_iter()
+        .map(|l| {
+            let publish_time_micros = parse_rfc3339_utc(&l.publish_time).with_context(|| {
+                format!("message {}: publish_time {}", l.message_id, l.publish_time)
+            })?;
+            Ok(Record {
+                data: Bytes::from(l.payload()?),
+                message_id: l.message_id,
+                publish_time_micros,
+                attributes: l.attributes.into_iter().collect(),
+                ordering_key: l.ordering_key,
+                delivery_attempt: None,
+            })
+        })
+        .collect()
+}
+
+fn read_checkpoint(path: &PathBuf) -> anyhow::Result<HashSet<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+        Err(e) => Err(e).with_context(|| format!("reading checkpoint {}", path.display())),
+    }
+}
+
+/// Replays the objects under `opts.from` through pipeline `opts.pipeline` of `cfg`.
+pub async fn replay(
+    mut cfg: Config,
+    clients: Clients,
+    opts: ReplayOptions,
+) -> anyhow::Result<ReplaySummary> {
+    let started = Instant::now();
+    let (bucket, prefix) = parse_from(&opts.from)?;
+    let i = cfg
+        .pipelines
+        .iter()
+        .position(|p| p.name == opts.pipeline)
+        .with_context(|| {
+            format!(
+                "--pipeline {}: no pipeline of that name in the config",
+                opts.pipeline
+            )
+        })?;
+    if let Some(t) = &opts.table {
+        let (dataset, table) = t
+            .split_once('.')
+            .with_context(|| format!("--table {t}: expected DATASET.TABLE"))?;
+        cfg.pipelines[i].bigquery.dataset = dataset.to_string();
+        cfg.pipelines[i].bigquery.table = table.to_string();
+    }
+    let p = cfg.pipelines[i].clone();
+    let done_before = match &opts.checkpoint {
+        Some(path) => read_checkpoint(path)?,
+        None => HashSet::new(),
+    };
+    let all = list_objects(&clients, &bucket, &prefix, &opts).await?;
+    let mut summary = ReplaySummary {
+        objects: all.len(),
+        ..Default::default()
+    };
+    let objects: Vec<String> = all
+        .into_iter()
+        .filter(|n| !done_before.contains(n))
+        .collect();
+    summary.skipped = summary.objects - objects.len();
+    info!(objects = summary.objects, skipped = summary.skipped, from = %opts.from, "replay starting");
+
+    if opts.dry_run {
+        return dry_run(
+            &cfg, i, &clients, &bucket, &objects, &opts, summary, started,
+        )
+        .await;
+    }
+
+    let (ctx, _) = worker::prepare(&cfg, i, &p, &worker::load_registry(&cfg)?, &clients).await?;
+    let replay_id = format!("replay-{}", worker::worker_id());
+    let mut stages: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let decode_tx = worker::spawn_row_stages(&ctx, &p, &clients, &replay_id, &mut stages);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, bool)>();
+    let failures = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let filtered = Arc::new(AtomicU64::new(0));
+
+    // Records completed objects as they finish (and counts them).
+    let checkpoint = opts.checkpoint.clone();
+    let recorder = tokio::spawn(async move {
+        let mut file = match &checkpoint {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening checkpoint {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let mut completed = 0usize;
+        while let Some((name, ok)) = done_rx.recv().await {
+            if !ok {
+                warn!(object = %name, "some messages of this object were not written; replay it again");
+                continue;
+            }
+            completed += 1;
+            if let Some(f) = file.as_mut() {
+                writeln!(f, "{name}").context("writing the checkpoint")?;
+            }
+        }
+        anyhow::Ok(completed)
+    });
+
+    let stats = Arc::clone(&ctx.stats);
+    let progress = {
+        let (stats, sent) = (Arc::clone(&stats), Arc::clone(&sent));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let s = stats.snapshot();
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                info!(
+                    messages = sent.load(Ordering::Relaxed),
+                    inserted = s.inserted,
+                    dead_lettered = s.dead_lettered,
+                    rate_per_s = (sent.load(Ordering::Relaxed) as f64 / secs) as u64,
+                    "replay progress"
+                );
+            }
+        })
+    };
+
+    let unreadable = Arc::new(AtomicUsize::new(0));
+    let reads = futures::stream::iter(objects.iter().cloned())
+        .map(|name| {
+            let clients = &clients;
+            let bucket = &bucket;
+            async move {
+                let r = read_object(clients, bucket, &name, opts.dead_letters).await;
+                (name, r)
+            }
+        })
+        .buffer_unordered(opts.concurrency.max(1));
+    tokio::pin!(reads);
+    while let Some((name, r)) = reads.next().await {
+        let records = match r {
+            Ok(records) => records,
+            Err(e) => {
+                error!(object = %name, error = %format!("{e:#}"), "cannot read object");
+                unreadable.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let selected: Vec<Record> = records
+            .into_iter()
+            .filter(|r| {
+                let keep = opts.since.is_none_or(|s| r.publish_time_micros >= s)
+                    && opts.until.is_none_or(|u| r.publish_time_micros < u);
+                if !keep {
+                    filtered.fetch_add(1, Ordering::Relaxed);
+                }
+                keep
+            })
+            .collect();
+        if selected.is_empty() {
+            done_tx.send((name, true)).ok();
+            continue;
+        }
+        let progress = Arc::new(ObjectProgress {
+            name,
+            remaining: AtomicUsize::new(selected.len()),
+            failed: AtomicBool::new(false),
+            done: done_tx.clone(),
+            failures: Arc::clone(&failures),
+        });
+        for record in selected {
+            let [ack] = AckPart::split::<1>(Box::new(ReplayAck(Arc::clone(&progress))));
+            sent.fetch_add(1, Ordering::Relaxed);
+            if decode_tx
+                .send(Envelope {
+                    record: Arc::new(record),
+                    ack,
+                })
+                .await
+                .is_err()
+            {
+                bail!("the pipeline's stages stopped; see the errors above");
+            }
+        }
+    }
+    drop(decode_tx);
+    drop(done_tx);
+    let mut stage_error = None;
+    while let Some(r) = stages.join_next().await {
+        if let Err(e) = r.map_err(anyhow::Error::from).and_then(|r| r) {
+            error!(error = %format!("{e:#}"), "replay stage failed");
+            stage_error.get_or_insert(e);
+        }
+    }
+    progress.abort();
+    summary.completed = recorder.await??;
+    if let Some(e) = stage_error {
+        return Err(e);
+    }
+    let s = stats.snapshot();
+    summary.unreadable = unreadable.load(Ordering::Relaxed);
+    summary.messages = sent.load(Ordering::Relaxed);
+    summary.filtered_out = filtered.load(Ordering::Relaxed);
+    summary.inserted = s.inserted;
+    summary.dead_lettered = s.dead_lettered;
+    summary.failed = failures.load(Ordering::Relaxed);
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Reads and decodes every selected message, writes nothing.
+#[allow(clippy::too_many_arguments)]
+async fn dry_run(
+    cfg: &Config,
+    i: usize,
+    clients: &Clients,
+    bucket: &str,
+    objects: &[String],
+    opts: &ReplayOptions,
+    mut summary: ReplaySummary,
+    started: Instant,
+) -> anyhow::Result<ReplaySummary> {
+    let p = &cfg.pipelines[i];
+    let router = crate::routing::TypeRouter::new(
+        worker::load_registry(cfg)?,
+        &p.message_type,
+        &p.bigquery.table,
+        p.type_attribute.clone(),
+    )?;
+    let mut scratch = Vec::new();
+    for name in objects {
+        let records = match read_object(clients, bucket, name, opts.dead_letters).await {
+            Ok(r) => r,
+            Err(e) => {
+                error!(object = %name, error = %format!("{e:#}"), "cannot read object");
+                summary.unreadable += 1;
+                continue;
+            }
+        };
+        for r in records {
+            if opts.since.is_some_and(|s| r.publish_time_micros < s)
+                || opts.until.is_some_and(|u| r.publish_time_micros >= u)
+            {
+                summary.filtered_out += 1;
+                continue;
+            }
+            summary.messages += 1;
+            scratch.clear();
+            let meta = RowMeta {
+                message_id: &r.message_id,
+                publish_time_micros: r.publish_time_micros,
+                attributes: &r.attributes,
+                subscription: "",
+                ingest_time_micros: 0,
+            };
+            let ok = router
+                .route(&r)
+                .is_ok_and(|route| route.encoder.encode(&meta, &r.data, &mut scratch).is_ok());
+            if ok {
+                summary.inserted += 1;
+            } else {
+                summary.dead_lettered += 1;
+            }
+        }
+        summary.completed += 1;
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_urls() {
+        assert_eq!(
+            parse_from("gs://b/raw/sub").unwrap(),
+            ("b".into(), "raw/sub".into())
+        );
+        assert_eq!(parse_from("gs://b").unwrap(), ("b".into(), String::new()));
+        assert!(parse_from("s3://b/x").is_err());
+        assert!(parse_from("gs:///x").is_err());
+    }
+
+    #[test]
+    fn partition_hours_from_names() {
+        let h = partition_hour("raw/s/dt=2026-11-27/hour=09/w-1-000001.parquet").unwrap();
+        assert_eq!(h, parse_rfc3339_utc("2026-11-27T09:00:00Z").unwrap());
+        assert_eq!(partition_hour("raw/s/other.parquet"), None);
+    }
+}
