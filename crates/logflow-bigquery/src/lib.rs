@@ -15,6 +15,8 @@ mod auth;
 mod client;
 mod error;
 pub mod evolve;
+#[cfg(test)]
+mod fake_tests;
 
 pub use auth::BqAuthenticator;
 pub use client::{

@@ -1,0 +1,165 @@
+//! insertAll against a scripted HTTP fake, for what local-bigquery cannot produce: 5xx, 429,
+//! dropped connections, and the `stopped` resend path.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use logflow_core::{Classify, ErrorClass, NoAuth, RetryPolicy, Stats};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::{BigQuery, BigQueryOptions};
+
+/// One scripted answer: `None` closes the connection without answering.
+type Answer = Option<(u16, &'static str)>;
+
+/// Serves `answers` in order on 127.0.0.1, one per connection; records the request bodies.
+async fn fake(answers: Vec<Answer>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&bodies);
+    tokio::spawn(async move {
+        for answer in answers {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read the head, then the body by Content-Length.
+            let (head_end, len) = loop {
+                let n = conn.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    break (i + 4, len);
+                }
+            };
+            while buf.len() < head_end + len {
+                let n = conn.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            seen.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[head_end..]).into_owned());
+            match answer {
+                None => drop(conn),
+                Some((status, body)) => {
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    conn.write_all(resp.as_bytes()).await.ok();
+                    conn.shutdown().await.ok();
+                }
+            }
+        }
+    });
+    (format!("http://{addr}"), bodies)
+}
+
+async fn client(endpoint: String, max_attempts: u32) -> BigQuery {
+    BigQuery::new(BigQueryOptions {
+        emulator_endpoint: Some(endpoint),
+        project: "p".into(),
+        retry: RetryPolicy {
+            max_attempts,
+            max_elapsed: Duration::from_secs(10),
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(5),
+        },
+        tokens: Arc::new(NoAuth),
+        max_request_bytes: crate::DEFAULT_MAX_REQUEST_BYTES,
+    })
+    .await
+    .unwrap()
+}
+
+const ROWS: [(&str, &[u8]); 2] = [("id-0", br#"{"a":1}"#), ("id-1", br#"{"a":2}"#)];
+const OK: &str = r#"{"kind":"bigquery#tableDataInsertAllResponse"}"#;
+
+#[tokio::test]
+async fn server_errors_and_dropped_connections_are_retried() {
+    let (ep, bodies) = fake(vec![
+        Some((503, r#"{"error":{"code":503,"message":"backend","errors":[{"reason":"backendError"}]}}"#)),
+        None,
+        Some((429, r#"{"error":{"code":429,"message":"slow down","errors":[{"reason":"rateLimitExceeded"}]}}"#)),
+        Some((200, OK)),
+    ])
+    .await;
+    let stats = Stats::default();
+    let out = client(ep, 10)
+        .await
+        .insert_all("d", "t", &ROWS, &stats)
+        .await
+        .unwrap();
+    assert!(out.rejected.is_empty());
+    assert_eq!(bodies.lock().unwrap().len(), 4);
+    assert_eq!(stats.snapshot().retries, 3);
+}
+
+#[tokio::test]
+async fn a_missing_table_is_permanent_and_not_retried() {
+    let (ep, bodies) = fake(vec![
+        Some((404, r#"{"error":{"code":404,"message":"Not found: Table p:d.t","errors":[{"reason":"notFound"}]}}"#)),
+        Some((200, OK)),
+    ])
+    .await;
+    let e = client(ep, 10)
+        .await
+        .insert_all("d", "t", &ROWS, &Stats::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert!(e.to_string().contains("notFound"), "{e}");
+    assert_eq!(bodies.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn retries_are_bounded() {
+    let (ep, bodies) = fake(vec![Some((500, "{}")); 5]).await;
+    let e = client(ep, 3)
+        .await
+        .insert_all("d", "t", &ROWS, &Stats::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Transient);
+    assert_eq!(bodies.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn stopped_rows_are_resent_and_invalid_rows_reported() {
+    let (ep, bodies) = fake(vec![
+        Some((
+            200,
+            r#"{"insertErrors":[{"index":0,"errors":[{"reason":"stopped"}]},{"index":1,"errors":[{"reason":"invalid","location":"a","message":"bad"}]}]}"#,
+        )),
+        Some((200, OK)),
+    ])
+    .await;
+    let out = client(ep, 10)
+        .await
+        .insert_all("d", "t", &ROWS, &Stats::default())
+        .await
+        .unwrap();
+    assert_eq!(out.rejected.len(), 1);
+    assert_eq!(out.rejected[0].index, 1);
+    assert_eq!(out.rejected[0].message, "a: bad");
+    let bodies = bodies.lock().unwrap();
+    let resent: serde_json::Value = serde_json::from_str(&bodies[1]).unwrap();
+    assert_eq!(resent["rows"].as_array().unwrap().len(), 1);
+    assert_eq!(resent["rows"][0]["insertId"], "id-0");
+}
