@@ -6,6 +6,7 @@
 //! ([`RowEncoder`]), so a row always fits the table derived from the same descriptor.
 #![warn(missing_docs)]
 
+mod arrow;
 mod error;
 mod plan;
 mod registry;
@@ -14,6 +15,7 @@ mod table;
 mod wire;
 mod wkt;
 
+pub use arrow::{ArrowEncoder, ArrowRow, arrow_schema};
 pub use error::{DecodeError, DecodeErrorKind, SchemaError};
 pub use registry::Registry;
 pub use row::{RowEncoder, RowMeta};

@@ -133,6 +133,14 @@ enum SchemaCommand {
         #[arg(long = "type")]
         type_name: String,
     },
+    /// Print the Arrow schema of a type's parsed Parquet files (JSON: name, type, nullable).
+    Arrow {
+        #[command(flatten)]
+        schemas: SchemaSource,
+        /// Full protobuf name of the message type.
+        #[arg(long = "type")]
+        type_name: String,
+    },
     /// List the message types of the schemas.
     List {
         #[command(flatten)]
@@ -172,6 +180,29 @@ impl SchemaSource {
             &self.proto,
         )?)
     }
+}
+
+/// An Arrow field as JSON, children included.
+fn arrow_field_json(f: &arrow::datatypes::Field) -> serde_json::Value {
+    use arrow::datatypes::DataType;
+    let mut v = serde_json::json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()});
+    if !f.metadata().is_empty() {
+        let meta: serde_json::Map<String, serde_json::Value> = f
+            .metadata()
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        v["metadata"] = serde_json::Value::Object(meta);
+    }
+    let children: Vec<serde_json::Value> = match f.data_type() {
+        DataType::Struct(fields) => fields.iter().map(|c| arrow_field_json(c)).collect(),
+        DataType::List(item) => vec![arrow_field_json(item)],
+        _ => Vec::new(),
+    };
+    if !children.is_empty() {
+        v["fields"] = serde_json::Value::Array(children);
+    }
+    v
 }
 
 fn init_tracing() {
@@ -301,6 +332,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let md = schemas.load()?.message(&type_name)?;
             let schema = logflow_schema::table_schema(&md)?;
             println!("{}", serde_json::to_string_pretty(&schema["fields"])?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema {
+            what: SchemaCommand::Arrow { schemas, type_name },
+        } => {
+            let md = schemas.load()?.message(&type_name)?;
+            let schema = logflow_schema::arrow_schema(&md)?;
+            let fields: Vec<serde_json::Value> = schema
+                .fields()
+                .iter()
+                .map(|f| arrow_field_json(f))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&fields)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema {
