@@ -564,7 +564,7 @@ mod tests {
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].0, 2);
         assert_eq!(b.num_rows(), 2);
-        let col = |n: &str| b.column_by_name(n).unwrap().clone();
+        let col = |n: &str| Arc::clone(b.column_by_name(n).unwrap());
         assert_eq!(
             col("i").as_primitive::<Int64Type>().values(),
             &[-5, 0],
