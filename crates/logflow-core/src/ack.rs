@@ -68,6 +68,22 @@ impl AckPart {
         })
     }
 
+    /// Splits `handle` into `n` parts (at least one), like [`AckPart::split`] with a count known
+    /// only at run time.
+    pub fn split_n(handle: Box<dyn AckHandle>, n: usize) -> Vec<AckPart> {
+        let n = n.max(1);
+        let shared = Arc::new(Shared {
+            remaining: AtomicUsize::new(n),
+            failed: AtomicBool::new(false),
+            handle: Mutex::new(Some(handle)),
+        });
+        (0..n)
+            .map(|_| AckPart {
+                shared: Some(Arc::clone(&shared)),
+            })
+            .collect()
+    }
+
     /// A part with no handle behind it (replay, tests): completing or dropping it does nothing.
     pub fn detached() -> AckPart {
         AckPart { shared: None }
@@ -133,6 +149,18 @@ mod tests {
         assert!(rx.try_recv().is_err());
         b.complete();
         assert_eq!(rx.try_recv(), Ok("nack"));
+    }
+
+    #[test]
+    fn split_n_needs_every_part() {
+        let (tx, rx) = mpsc::channel();
+        let parts = AckPart::split_n(Box::new(Probe(tx)), 3);
+        let mut it = parts.into_iter();
+        it.next().unwrap().complete();
+        it.next().unwrap().complete();
+        assert!(rx.try_recv().is_err());
+        it.next().unwrap().complete();
+        assert_eq!(rx.try_recv(), Ok("ack"));
     }
 
     #[test]

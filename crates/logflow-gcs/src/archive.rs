@@ -104,16 +104,21 @@ pub fn encode<'a>(
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns)
         .map_err(|e| GcsError::Format(e.to_string()))?;
+    parquet_file(&batch, data_bytes / 2 + 4096)
+}
+
+/// One record batch as a zstd-compressed Parquet file (the format of every Parquet object).
+pub fn parquet_file(batch: &RecordBatch, capacity: usize) -> Result<Bytes, GcsError> {
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(3).map_err(|e| GcsError::Format(e.to_string()))?,
         ))
         .build();
-    let mut buf = Vec::with_capacity(data_bytes / 2 + 4096);
-    let mut writer = ArrowWriter::try_new(&mut buf, schema, Some(props))
+    let mut buf = Vec::with_capacity(capacity);
+    let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
         .map_err(|e| GcsError::Format(e.to_string()))?;
     writer
-        .write(&batch)
+        .write(batch)
         .map_err(|e| GcsError::Format(e.to_string()))?;
     writer
         .close()

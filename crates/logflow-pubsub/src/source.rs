@@ -121,7 +121,7 @@ impl PubsubSource {
     /// outstanding messages to be acked or nacked and for the acks to reach Pub/Sub.
     pub async fn run(
         self,
-        outputs: [mpsc::Sender<Envelope>; 2],
+        outputs: Vec<mpsc::Sender<Envelope>>,
         stats: Arc<Stats>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
@@ -171,7 +171,7 @@ impl PubsubSource {
     async fn stream_loop(
         &self,
         index: usize,
-        outputs: [mpsc::Sender<Envelope>; 2],
+        outputs: Vec<mpsc::Sender<Envelope>>,
         budget: &Budget,
         stats: Arc<Stats>,
         stop: CancellationToken,
@@ -250,17 +250,16 @@ impl PubsubSource {
                     _message: message_permit,
                     _bytes: bytes_permit,
                 };
-                let [a, b] = AckPart::split::<2>(Box::new(ack));
-                let sent = outputs[0]
-                    .send(Envelope {
+                // One ack part per output: acked when every output made it durable.
+                let parts = AckPart::split_n(Box::new(ack), outputs.len());
+                for (out, part) in outputs.iter().zip(parts) {
+                    let env = Envelope {
                         record: Arc::clone(&record),
-                        ack: a,
-                    })
-                    .await
-                    .is_ok()
-                    && outputs[1].send(Envelope { record, ack: b }).await.is_ok();
-                if !sent {
-                    break 'streams Err(SourceError::PipelineClosed);
+                        ack: part,
+                    };
+                    if out.send(env).await.is_err() {
+                        break 'streams Err(SourceError::PipelineClosed);
+                    }
                 }
             }
         };

@@ -64,6 +64,9 @@ pub struct PipelineConfig {
     pub archive: ArchiveConfig,
     /// Where messages that cannot become rows go.
     pub dead_letter: DeadLetterConfig,
+    /// Decoded records as Parquet in GCS (off when absent).
+    #[serde(default)]
+    pub parsed: Option<ParsedConfig>,
     /// Bounds on messages held by the worker.
     #[serde(default)]
     pub flow_control: FlowControlConfig,
@@ -101,6 +104,21 @@ pub struct ArchiveConfig {
     #[serde(default = "default_archive_prefix")]
     pub prefix: String,
     /// One object per batch.
+    #[serde(default = "default_archive_batch")]
+    pub batch: BatchLimits,
+}
+
+/// Parsed-record output: decoded messages as Parquet, one object per batch and message type,
+/// under `{prefix}/{message_type}/dt=YYYY-MM-DD/hour=HH/`. Off unless configured.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParsedConfig {
+    /// Bucket (must exist).
+    pub bucket: String,
+    /// Object name prefix.
+    #[serde(default = "default_parsed_prefix")]
+    pub prefix: String,
+    /// One object per batch (and message type).
     #[serde(default = "default_archive_batch")]
     pub batch: BatchLimits,
 }
@@ -160,6 +178,9 @@ fn default_bq_concurrency() -> usize {
 }
 fn default_archive_prefix() -> String {
     "raw".to_string()
+}
+fn default_parsed_prefix() -> String {
+    "parsed".to_string()
 }
 fn default_dead_letter_prefix() -> String {
     "dead-letter".to_string()
@@ -299,6 +320,16 @@ impl Config {
             p.dead_letter
                 .batch
                 .validate(&format!("{at}.dead_letter.batch"))?;
+            if let Some(parsed) = &p.parsed {
+                nonempty("parsed.bucket", &parsed.bucket)?;
+                parsed.batch.validate(&format!("{at}.parsed.batch"))?;
+                if parsed.batch.max_items > p.flow_control.max_outstanding_messages / 2 {
+                    return Err(format!(
+                        "{at}.parsed.batch.max_items ({}) must be at most half of flow_control.max_outstanding_messages ({})",
+                        parsed.batch.max_items, p.flow_control.max_outstanding_messages
+                    ));
+                }
+            }
             if !(1..=32).contains(&p.streams) {
                 return Err(format!("{at}.streams: must be between 1 and 32"));
             }

@@ -21,7 +21,9 @@ use logflow_core::batch::next_batch;
 use logflow_core::{BatchLimits, Classify, Envelope, ErrorClass, Record, Stats};
 use logflow_gcs::deadletter::Failure;
 use logflow_gcs::{Gcs, ObjectNamer, archive, deadletter};
-use logflow_schema::{RowMeta, table_schema};
+use std::collections::HashMap;
+
+use logflow_schema::{ArrowEncoder, ArrowRow, RowMeta, table_schema};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -386,6 +388,107 @@ pub async fn dead_letter_stage(
                 Err(e) => on_write_error(&ctx, "dead-letter write", n, e)?,
             }
         }
+    }
+    Ok(())
+}
+
+/// Writes decoded records as Parquet, one object per batch, publish hour and message type.
+/// Messages that do not decode complete their part here: the row path dead-letters them.
+pub async fn parsed_stage(
+    ctx: Arc<StageContext>,
+    gcs: Gcs,
+    cfg: crate::config::ParsedConfig,
+    worker: String,
+    mut rx: mpsc::Receiver<Envelope>,
+) -> anyhow::Result<()> {
+    let mut encoders: HashMap<String, (Arc<ArrowEncoder>, ObjectNamer)> = HashMap::new();
+    while let Some(batch) = next_batch(&mut rx, &cfg.batch, |e: &Envelope| e.record.size()).await {
+        for hour in split_by_hour(batch, |e| e.record.publish_time_micros) {
+            // Group by message type; messages with no type complete at once.
+            let mut by_type: Vec<(Arc<crate::routing::Route>, Vec<Envelope>)> = Vec::new();
+            for env in hour {
+                match ctx.router.route(&env.record) {
+                    Ok(route) => match by_type.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &route)) {
+                        Some((_, v)) => v.push(env),
+                        None => by_type.push((route, vec![env])),
+                    },
+                    Err(_) => env.ack.complete(),
+                }
+            }
+            for (route, group) in by_type {
+                let md = route.encoder.descriptor();
+                let name = md.full_name().to_string();
+                if !encoders.contains_key(&name) {
+                    let enc = ArrowEncoder::new(md.clone())?;
+                    encoders.insert(
+                        name.clone(),
+                        (Arc::new(enc), ObjectNamer::new(&cfg.prefix, &name, &worker)),
+                    );
+                }
+                let (enc, namer) = &encoders[&name];
+                write_parsed(&ctx, &gcs, &cfg.bucket, Arc::clone(enc), namer, group).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn write_parsed(
+    ctx: &StageContext,
+    gcs: &Gcs,
+    bucket: &str,
+    enc: Arc<ArrowEncoder>,
+    namer: &ObjectNamer,
+    group: Vec<Envelope>,
+) -> anyhow::Result<()> {
+    let n = group.len();
+    let first = group
+        .iter()
+        .map(|e| e.record.publish_time_micros)
+        .min()
+        .unwrap_or(0);
+    let records: Vec<Arc<Record>> = group.iter().map(|e| Arc::clone(&e.record)).collect();
+    let sub = Arc::clone(&ctx.subscription);
+    let file = tokio::task::spawn_blocking(move || {
+        let rows: Vec<ArrowRow<'_>> = records
+            .iter()
+            .map(|r| ArrowRow {
+                message_id: &r.message_id,
+                publish_time_micros: r.publish_time_micros,
+                attributes: &r.attributes,
+                subscription: &sub,
+                payload: &r.data,
+            })
+            .collect();
+        let (batch, _undecodable) = enc.batch(&rows, logflow_core::time::now_micros())?;
+        if batch.num_rows() == 0 {
+            return Ok(None);
+        }
+        let bytes: usize = rows.iter().map(|r| r.payload.len()).sum();
+        Ok::<_, anyhow::Error>(Some(archive::parquet_file(&batch, bytes / 2 + 4096)?))
+    })
+    .await?;
+    let file = match file {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            group.into_iter().for_each(|e| e.ack.complete());
+            return Ok(());
+        }
+        Err(e) => {
+            // A batch that cannot be represented will not get better on redelivery; the rows
+            // and the raw archive still have these messages.
+            warn!(pipeline = %ctx.pipeline, messages = n, error = %format!("{e:#}"), "parsed output skipped for a batch");
+            group.into_iter().for_each(|e| e.ack.complete());
+            return Ok(());
+        }
+    };
+    let name = namer.next(first, archive::EXTENSION);
+    match gcs
+        .put_new(bucket, &name, file, archive::CONTENT_TYPE, &ctx.stats)
+        .await
+    {
+        Ok(()) => group.into_iter().for_each(|e| e.ack.complete()),
+        Err(e) => on_write_error(ctx, "parsed output write", n, e)?,
     }
     Ok(())
 }

@@ -238,10 +238,14 @@ pub async fn prepare(
             "table columns differ from the schema and were left as they are; rows BigQuery rejects go to the dead-letter path"
         );
     }
+    let parsed_bucket = p.parsed.as_ref().map(|x| ("parsed.bucket", &x.bucket));
     for (field, bucket) in [
         ("archive.bucket", &p.archive.bucket),
         ("dead_letter.bucket", &p.dead_letter.bucket),
-    ] {
+    ]
+    .into_iter()
+    .chain(parsed_bucket)
+    {
         clients
             .gcs
             .check_bucket(bucket)
@@ -322,13 +326,21 @@ async fn run_pipeline(
         archive_rx,
     ));
     let decode_tx = spawn_row_stages(&ctx, &p, &clients, worker, &mut set);
+    let mut outputs = vec![archive_tx, decode_tx];
+    if let Some(parsed) = &p.parsed {
+        let (parsed_tx, parsed_rx) = mpsc::channel(BRANCH_CHANNEL);
+        set.spawn(stages::parsed_stage(
+            Arc::clone(&ctx),
+            clients.gcs.clone(),
+            parsed.clone(),
+            worker.to_string(),
+            parsed_rx,
+        ));
+        outputs.push(parsed_tx);
+    }
     let stats = Arc::clone(&ctx.stats);
     let source_token = token.clone();
-    set.spawn(async move {
-        Ok(source
-            .run([archive_tx, decode_tx], stats, source_token)
-            .await?)
-    });
+    set.spawn(async move { Ok(source.run(outputs, stats, source_token).await?) });
     let mut first: Option<anyhow::Error> = None;
     while let Some(r) = set.join_next().await {
         let r = r

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use arrow::array::AsArray;
 use logflow::publish;
 use logflow::samples::SampleGen;
 use logflow::worker::{self, Clients};
@@ -594,4 +595,99 @@ async fn messages_name_their_type_and_get_a_table_each() {
         assert_eq!(class, "unknown_message_type");
         assert_eq!(ty, "acme.auth.v1.NoSuchType");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parsed_records_land_as_parquet_that_duckdb_reads() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let parsed = unique("parsed");
+    emu.bucket(&parsed).await.unwrap();
+    let topic = unique("parsed");
+    let subscription = format!("{topic}-sub");
+    let topic_path = emu
+        .topic_and_subscription(&topic, &subscription)
+        .await
+        .unwrap();
+    let ty = "acme.auth.v1.AuthEvent";
+    let published = publish_samples(&emu, &topic_path, ty, 200, 71).await;
+    let stream = Stream {
+        pipeline: "auth".into(),
+        subscription,
+        table: "auth".into(),
+        message_type: ty.into(),
+        published,
+    };
+    let yaml = config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
+        "    flow_control:",
+        &format!("    parsed: {{ bucket: {parsed}, prefix: parsed, batch: {{ max_items: 150, max_bytes: 4000000, max_age: 1s }} }}\n    flow_control:"),
+    );
+    let cfg = load_config(&yaml);
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    run_until_acked(cfg, &clients, stream.published.len() as u64).await;
+
+    let objects = clients
+        .gcs
+        .list(&parsed, &format!("parsed/{ty}/dt="))
+        .await
+        .unwrap();
+    assert!(!objects.is_empty());
+    let dir = std::env::temp_dir().join(unique("logflow-parsed"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ids = BTreeSet::new();
+    for (i, obj) in objects.iter().enumerate() {
+        assert!(
+            obj.name.contains("/hour=") && obj.name.ends_with(".parquet"),
+            "{}",
+            obj.name
+        );
+        let file = clients.gcs.get(&parsed, &obj.name).await.unwrap();
+        std::fs::write(dir.join(format!("{i}.parquet")), &file).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let id = batch.column_by_name("_message_id").unwrap();
+            let user = batch.column_by_name("user_id").unwrap();
+            let (id, user) = (id.as_string::<i32>(), user.as_string::<i32>());
+            for r in 0..batch.num_rows() {
+                let msg = stream.published[id.value(r)]
+                    .message
+                    .as_ref()
+                    .expect("only valid messages are parsed");
+                assert_eq!(
+                    Some(user.value(r).to_string()),
+                    expected_cell(msg, "user_id")
+                );
+                ids.insert(id.value(r).to_string());
+            }
+        }
+    }
+    let valid: BTreeSet<String> = stream
+        .published
+        .iter()
+        .filter(|(_, s)| s.malformed.is_none())
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(ids, valid);
+
+    // DuckDB (installed with the BigQuery emulator) reads the files without a schema.
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let out = std::process::Command::new(python)
+        .arg("-c")
+        .arg(format!(
+            "import duckdb; print(duckdb.sql(\"SELECT count(*), count(DISTINCT _message_id), count(action) FROM read_parquet('{}/*.parquet')\").fetchone())",
+            dir.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text, format!("({0}, {0}, {0})", valid.len()));
 }
