@@ -28,6 +28,9 @@ pub struct Config {
     /// Retries of transient GCS and BigQuery failures.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Address of the admin endpoint (`/healthz`, `/readyz`, `/metrics`) of `logflow run`.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
 }
 
 /// Descriptor sources.
@@ -167,6 +170,9 @@ impl Default for FlowControlConfig {
     }
 }
 
+fn default_admin_listen() -> String {
+    "0.0.0.0:8080".to_string()
+}
 fn default_streams() -> usize {
     2
 }

@@ -7,6 +7,7 @@
 //! Pub/Sub redelivers it. A crash can only cause redelivery, never loss.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod endpoints;

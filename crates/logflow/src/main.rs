@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -208,8 +209,10 @@ fn arrow_field_json(f: &arrow::datatypes::Field) -> serde_json::Value {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("LOGFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: pod logs and pipes get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if std::env::var("LOGFLOW_LOG_FORMAT").is_ok_and(|v| v == "json") {
         builder.json().init();
@@ -430,11 +433,21 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
     }
     let clients = worker::Clients::connect(&cfg, &endpoints).await?;
     let shutdown = CancellationToken::new();
+    let admin_listen = cfg.admin_listen.clone();
     let mut running = worker::start(cfg, clients, shutdown.clone()).await?;
+    let admin = Arc::new(logflow::admin::AdminState {
+        pipelines: running.stats.clone(),
+        ready: std::sync::atomic::AtomicBool::new(true),
+    });
+    logflow::admin::serve(&admin_listen, Arc::clone(&admin)).await?;
     tokio::select! {
         r = &mut running.done => return finish(r),
         s = signal() => info!(signal = s, "shutting down: stop pulling, flush, ack"),
     }
+    // Not ready from the first signal on, so Kubernetes stops routing to this pod.
+    admin
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     shutdown.cancel();
     tokio::select! {
         r = &mut running.done => finish(r),

@@ -31,7 +31,7 @@ pub(crate) fn config_yaml(
     streams: &[&Stream],
 ) -> String {
     let mut y = format!(
-        "project: {project}\nschemas: {{ proto_dirs: [\"{}\"] }}\nshutdown_grace: 20s\nretry: {{ max_attempts: 5, max_elapsed: 30s }}\npipelines:\n",
+        "project: {project}\nschemas: {{ proto_dirs: [\"{}\"] }}\nshutdown_grace: 20s\nadmin_listen: 127.0.0.1:0\nretry: {{ max_attempts: 5, max_elapsed: 30s }}\npipelines:\n",
         schemas_dir().display()
     );
     for s in streams {

@@ -200,12 +200,16 @@ fn logflow_binary() -> PathBuf {
     bin
 }
 
-/// Starts the real binary on `yaml` as worker `worker_id`; returns it and a thread collecting
-/// its log lines, once it has logged that it started.
+/// Starts the real binary on `yaml` as worker `worker_id`; returns it, a thread collecting its
+/// log lines, and its admin endpoint's address, once it logged that the endpoint listens.
 fn spawn_worker(
     yaml: &str,
     worker_id: &str,
-) -> (std::process::Child, std::thread::JoinHandle<Vec<String>>) {
+) -> (
+    std::process::Child,
+    std::thread::JoinHandle<Vec<String>>,
+    String,
+) {
     let dir = std::env::temp_dir().join(unique("logflow-bin"));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.yaml");
@@ -227,18 +231,38 @@ fn spawn_worker(
             .lines()
             .map_while(Result::ok)
         {
-            if line.contains("worker started") {
+            if line.contains("admin endpoint listening")
+                && let Some(addr) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+            {
                 // The test may have given up waiting: nobody to tell then.
-                started_tx.send(()).ok();
+                started_tx.send(addr.to_string()).ok();
             }
             lines.push(line);
         }
         lines
     });
-    started_rx
+    let addr = started_rx
         .recv_timeout(Duration::from_secs(60))
         .expect("the worker started");
-    (child, log)
+    (child, log, addr)
+}
+
+/// GET `path` from the worker's admin endpoint: (status line, body).
+async fn admin_get(addr: &str, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).await.unwrap();
+    let (head, body) = s.split_once("\r\n\r\n").unwrap_or((&s, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }
 
 /// Messages are flowing once the first raw-archive object exists.
@@ -260,9 +284,19 @@ async fn sigterm_flushes_acks_and_exits_zero_leaving_nothing_durable_unacked() {
     let cfg = load_config(&yaml);
     let worker_id = unique("sigterm");
     // The real binary, as Kubernetes runs it.
-    let (mut child, log) = spawn_worker(&yaml, &worker_id);
+    let (mut child, log, admin) = spawn_worker(&yaml, &worker_id);
     let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
     wait_first_archive(&s, &clients).await;
+    let (status, ready) = admin_get(&admin, "/readyz").await;
+    assert!(status.contains("200"), "{status} {ready}");
+    let (status, metrics) = admin_get(&admin, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    let received = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("logflow_source_received_messages_total{pipeline=\"auth\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("the received counter is exported");
+    assert!(received > 0, "{metrics}");
     let pid = child.id().to_string();
     assert!(
         Command::new("kill")
@@ -407,7 +441,7 @@ async fn kill_9_mid_run_loses_nothing() {
     let yaml = config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream]);
     let cfg = load_config(&yaml);
     let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
-    let (mut child, log) = spawn_worker(&yaml, &unique("killed"));
+    let (mut child, log, _admin) = spawn_worker(&yaml, &unique("killed"));
     wait_first_archive(&s, &clients).await;
     let pid = child.id().to_string();
     assert!(

@@ -1,0 +1,215 @@
+//! The worker's admin endpoint: `/healthz` (liveness), `/readyz` (readiness: false from the
+//! first shutdown signal on) and `/metrics` (Prometheus text format, per pipeline).
+//!
+//! A deliberately small HTTP/1.1 responder: probes and scrapers send one GET per connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use logflow_core::Stats;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// Longest request head read; anything longer is answered 400.
+const MAX_REQUEST: usize = 8192;
+/// A client that sends nothing for this long is dropped.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the endpoint reports.
+#[derive(Debug)]
+pub struct AdminState {
+    /// Counters per pipeline, by name.
+    pub pipelines: Vec<(String, Arc<Stats>)>,
+    /// False once shutdown began.
+    pub ready: AtomicBool,
+}
+
+/// Binds `listen` and serves until the process ends. Returns the bound address.
+pub async fn serve(listen: &str, state: Arc<AdminState>) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind(listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "admin_listen {listen}: cannot bind: {e} (choose a free address, e.g. 0.0.0.0:8080)"
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    info!(%addr, "admin endpoint listening (/healthz, /readyz, /metrics)");
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                if let Err(e) = answer(conn, &state).await {
+                    warn!(error = %e, "admin request failed");
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn answer(mut conn: tokio::net::TcpStream, state: &AdminState) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < MAX_REQUEST {
+        let n = match tokio::time::timeout(READ_TIMEOUT, conn.read(&mut chunk)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        };
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = route(path, state);
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(body.as_bytes()).await?;
+    conn.shutdown().await
+}
+
+fn route(path: &str, state: &AdminState) -> (&'static str, &'static str, String) {
+    let text = "text/plain; charset=utf-8";
+    match path {
+        "/healthz" => ("200 OK", text, "ok\n".into()),
+        "/readyz" if state.ready.load(Ordering::Relaxed) => ("200 OK", text, "ready\n".into()),
+        "/readyz" => ("503 Service Unavailable", text, "shutting down\n".into()),
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render_metrics(&state.pipelines),
+        ),
+        _ => ("404 Not Found", text, "not found\n".into()),
+    }
+}
+
+/// The counters in Prometheus text format.
+pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
+    let snaps: Vec<(&str, logflow_core::stats::Snapshot)> = pipelines
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.snapshot()))
+        .collect();
+    type Get = fn(&logflow_core::stats::Snapshot) -> u64;
+    let metrics: [(&str, &str, &str, Get); 10] = [
+        (
+            "logflow_source_received_messages_total",
+            "counter",
+            "Messages received from Pub/Sub.",
+            |s| s.received,
+        ),
+        (
+            "logflow_archive_written_messages_total",
+            "counter",
+            "Messages written to the raw archive.",
+            |s| s.archived,
+        ),
+        (
+            "logflow_decode_decoded_messages_total",
+            "counter",
+            "Payloads decoded into rows.",
+            |s| s.decoded,
+        ),
+        (
+            "logflow_bigquery_inserted_rows_total",
+            "counter",
+            "Rows accepted by BigQuery.",
+            |s| s.inserted,
+        ),
+        (
+            "logflow_deadletter_written_messages_total",
+            "counter",
+            "Messages written to the dead-letter path.",
+            |s| s.dead_lettered,
+        ),
+        (
+            "logflow_source_acked_messages_total",
+            "counter",
+            "Messages acked (every output durable).",
+            |s| s.acked,
+        ),
+        (
+            "logflow_source_nacked_messages_total",
+            "counter",
+            "Messages nacked (an output failed; redelivered).",
+            |s| s.nacked,
+        ),
+        (
+            "logflow_sink_retries_total",
+            "counter",
+            "Transient write failures that were retried.",
+            |s| s.retries,
+        ),
+        (
+            "logflow_source_outstanding_messages",
+            "gauge",
+            "Messages held now (received, not yet acked or nacked).",
+            |s| s.outstanding,
+        ),
+        (
+            "logflow_source_outstanding_messages_peak",
+            "gauge",
+            "Most messages held at once since start.",
+            |s| s.peak_outstanding,
+        ),
+    ];
+    let mut out = String::new();
+    for (name, kind, help, get) in metrics {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (pipeline, s) in &snaps {
+            out.push_str(&format!("{name}{{pipeline=\"{pipeline}\"}} {}\n", get(s)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_text_has_one_series_per_pipeline() {
+        let a = Arc::new(Stats::default());
+        a.add(&a.received, 3);
+        a.hold();
+        let text = render_metrics(&[
+            ("http".into(), a),
+            ("auth".into(), Arc::new(Stats::default())),
+        ]);
+        assert!(text.contains("# TYPE logflow_source_received_messages_total counter"));
+        assert!(text.contains("logflow_source_received_messages_total{pipeline=\"http\"} 3\n"));
+        assert!(text.contains("logflow_source_received_messages_total{pipeline=\"auth\"} 0\n"));
+        assert!(text.contains("logflow_source_outstanding_messages{pipeline=\"http\"} 1\n"));
+    }
+
+    #[tokio::test]
+    async fn readiness_turns_false_on_shutdown() {
+        let state = Arc::new(AdminState {
+            pipelines: Vec::new(),
+            ready: AtomicBool::new(true),
+        });
+        let addr = serve("127.0.0.1:0", Arc::clone(&state)).await.unwrap();
+        let get = |path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut s = String::new();
+            c.read_to_string(&mut s).await.unwrap();
+            s
+        };
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        state.ready.store(false, Ordering::Relaxed);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    }
+}
