@@ -4,7 +4,7 @@
 help:
 	@echo "make demo             run logflow end to end on local emulators and print a summary"
 	@echo "make test             unit tests, then integration tests on the emulators (started and stopped here)"
-	@echo "make lint             cargo fmt --check and clippy -D warnings"
+	@echo "make lint             cargo fmt --check, clippy -D warnings, Dockerfile and Kubernetes manifest checks"
 	@echo "make check            lint + test (what CI runs)"
 	@echo "make bench            benchmarks in release mode (see BENCHMARKS.md)"
 	@echo "make build            build everything (debug)"
@@ -29,6 +29,8 @@ bench:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+	scripts/check-dockerfile.sh
+	scripts/validate-deploy.sh
 
 fmt:
 	cargo fmt --all

@@ -510,5 +510,8 @@ pipelines:
             }
         }
         assert!(n > 0, "no example config in {}", dir.display());
+        // The one the Kubernetes base ships in its ConfigMap.
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/base/config.yaml");
+        Config::load(&base).unwrap_or_else(|e| panic!("{e}"));
     }
 }
