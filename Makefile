@@ -1,5 +1,5 @@
 # logflow: the single entry point. `make help` lists the targets.
-.PHONY: help build test unit-test demo bench lint fmt emulators-start emulators-stop emulators-status check
+.PHONY: help build test unit-test demo bench fuzz lint fmt emulators-start emulators-stop emulators-status check
 
 help:
 	@echo "make demo             run logflow end to end on local emulators and print a summary"
@@ -7,6 +7,7 @@ help:
 	@echo "make lint             cargo fmt --check, clippy -D warnings, Dockerfile and Kubernetes manifest checks"
 	@echo "make check            lint + test (what CI runs)"
 	@echo "make bench            benchmarks in release mode (see BENCHMARKS.md)"
+	@echo "make fuzz             run the fuzz targets for FUZZ_SECONDS each (nightly + cargo-fuzz)"
 	@echo "make build            build everything (debug)"
 	@echo "make emulators-start  start Pub/Sub, GCS and BigQuery emulators on 127.0.0.1 (installs them if needed)"
 	@echo "make emulators-stop   stop them"
@@ -25,6 +26,14 @@ demo:
 
 bench:
 	cargo bench -p logflow --bench transcode
+
+# Bounded fuzzing of the transcoder and the config parser. New inputs that find new paths are
+# kept in fuzz/corpus/ (commit the interesting ones: the corpus test replays them in make test).
+FUZZ_SECONDS ?= 60
+fuzz:
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd fuzz && cargo +nightly fuzz run transcode corpus/transcode -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096
+	cd fuzz && cargo +nightly fuzz run config -- -max_total_time=$(FUZZ_SECONDS)
 
 lint:
 	cargo fmt --all -- --check
