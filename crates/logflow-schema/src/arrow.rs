@@ -19,7 +19,7 @@ use prost_reflect::{DynamicMessage, Kind, MapKey, MessageDescriptor, Value};
 
 use crate::error::{DecodeError, DecodeErrorKind, SchemaError};
 use crate::plan::{FieldPlan, MessagePlan, Shape};
-use crate::row::proto_json;
+use crate::row::{RowMeta, proto_json};
 
 const NANOS: i128 = 1_000_000_000;
 
@@ -100,21 +100,6 @@ pub fn arrow_schema(md: &MessageDescriptor) -> Result<SchemaRef, SchemaError> {
     Ok(ArrowEncoder::new(md.clone())?.schema())
 }
 
-/// One message to put in a batch, with its Pub/Sub metadata.
-#[derive(Debug, Clone, Copy)]
-pub struct ArrowRow<'a> {
-    /// Pub/Sub message id.
-    pub message_id: &'a str,
-    /// Publish time, µs.
-    pub publish_time_micros: i64,
-    /// Attributes, sorted by key.
-    pub attributes: &'a [(String, String)],
-    /// Subscription.
-    pub subscription: &'a str,
-    /// The payload.
-    pub payload: &'a [u8],
-}
-
 /// Builds record batches of one message type.
 #[derive(Debug, Clone)]
 pub struct ArrowEncoder {
@@ -141,18 +126,18 @@ impl ArrowEncoder {
         Arc::clone(&self.schema)
     }
 
-    /// Decodes `rows` into one batch. Rows whose payload does not decode are left out; their
-    /// indexes are returned with the error (they are dead-lettered by the row path).
+    /// Decodes `rows` (metadata, payload) into one batch, with the same metadata columns as the
+    /// rows. Rows whose payload does not decode are left out; their indexes are returned with the
+    /// error (the row path dead-letters them).
     pub fn batch(
         &self,
-        rows: &[ArrowRow<'_>],
-        ingest_time_micros: i64,
+        rows: &[(RowMeta<'_>, &[u8])],
     ) -> Result<(RecordBatch, Vec<(usize, DecodeError)>), DecodeError> {
         let mut msgs = Vec::with_capacity(rows.len());
         let mut kept = Vec::with_capacity(rows.len());
         let mut failed = Vec::new();
         for (i, r) in rows.iter().enumerate() {
-            match DynamicMessage::decode(self.descriptor.clone(), r.payload) {
+            match DynamicMessage::decode(self.descriptor.clone(), r.1) {
                 Ok(m) => {
                     msgs.push(m);
                     kept.push(r);
@@ -166,38 +151,37 @@ impl ArrowEncoder {
         let attrs: Vec<String> = kept
             .iter()
             .map(|r| {
-                let map: serde_json::Map<String, serde_json::Value> = r
-                    .attributes
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                    .collect();
+                let map: serde_json::Map<String, serde_json::Value> =
+                    r.0.attributes
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect();
                 serde_json::Value::Object(map).to_string()
             })
             .collect();
         let n = kept.len();
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from_iter_values(
-                kept.iter().map(|r| r.message_id),
+                kept.iter().map(|r| r.0.message_id),
             )),
             Arc::new(
                 TimestampMicrosecondArray::from_iter_values(
-                    kept.iter().map(|r| r.publish_time_micros),
+                    kept.iter().map(|r| r.0.publish_time_micros),
                 )
                 .with_timezone("UTC"),
             ),
             Arc::new(StringArray::from_iter_values(attrs.iter())),
             Arc::new(StringArray::from_iter_values(
-                kept.iter().map(|r| r.subscription),
+                kept.iter().map(|r| r.0.subscription),
             )),
             Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
                 self.descriptor.full_name(),
                 n,
             ))),
             Arc::new(
-                TimestampMicrosecondArray::from_iter_values(std::iter::repeat_n(
-                    ingest_time_micros,
-                    n,
-                ))
+                TimestampMicrosecondArray::from_iter_values(
+                    kept.iter().map(|r| r.0.ingest_time_micros),
+                )
                 .with_timezone("UTC"),
             ),
         ];
@@ -553,14 +537,16 @@ mod tests {
         m.set_field_by_name("d", Value::Message(d));
         let full = m.encode_to_vec();
         let enc = ArrowEncoder::new(md).unwrap();
-        let row = |payload| ArrowRow {
+        let meta = RowMeta {
             message_id: "1",
             publish_time_micros: 7,
             attributes: &[],
             subscription: "s",
-            payload,
+            ingest_time_micros: 9,
         };
-        let (b, failed) = enc.batch(&[row(&full), row(&[]), row(&[0x0f])], 9).unwrap();
+        let (b, failed) = enc
+            .batch(&[(meta, &full[..]), (meta, &[][..]), (meta, &[0x0f][..])])
+            .unwrap();
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].0, 2);
         assert_eq!(b.num_rows(), 2);

@@ -15,7 +15,7 @@ mod table;
 mod wire;
 mod wkt;
 
-pub use arrow::{ArrowEncoder, ArrowRow, arrow_schema};
+pub use arrow::{ArrowEncoder, arrow_schema};
 pub use error::{DecodeError, DecodeErrorKind, SchemaError};
 pub use registry::Registry;
 pub use row::{RowEncoder, RowMeta};

@@ -23,7 +23,7 @@ use logflow_gcs::deadletter::Failure;
 use logflow_gcs::{Gcs, ObjectNamer, archive, deadletter};
 use std::collections::HashMap;
 
-use logflow_schema::{ArrowEncoder, ArrowRow, RowMeta, table_schema};
+use logflow_schema::{ArrowEncoder, RowMeta, table_schema};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -450,21 +450,25 @@ async fn write_parsed(
     let records: Vec<Arc<Record>> = group.iter().map(|e| Arc::clone(&e.record)).collect();
     let sub = Arc::clone(&ctx.subscription);
     let file = tokio::task::spawn_blocking(move || {
-        let rows: Vec<ArrowRow<'_>> = records
+        let now = logflow_core::time::now_micros();
+        let rows: Vec<(RowMeta<'_>, &[u8])> = records
             .iter()
-            .map(|r| ArrowRow {
-                message_id: &r.message_id,
-                publish_time_micros: r.publish_time_micros,
-                attributes: &r.attributes,
-                subscription: &sub,
-                payload: &r.data,
+            .map(|r| {
+                let meta = RowMeta {
+                    message_id: &r.message_id,
+                    publish_time_micros: r.publish_time_micros,
+                    attributes: &r.attributes,
+                    subscription: &sub,
+                    ingest_time_micros: now,
+                };
+                (meta, &r.data[..])
             })
             .collect();
-        let (batch, _undecodable) = enc.batch(&rows, logflow_core::time::now_micros())?;
+        let (batch, _undecodable) = enc.batch(&rows)?;
         if batch.num_rows() == 0 {
             return Ok(None);
         }
-        let bytes: usize = rows.iter().map(|r| r.payload.len()).sum();
+        let bytes: usize = rows.iter().map(|r| r.1.len()).sum();
         Ok::<_, anyhow::Error>(Some(archive::parquet_file(&batch, bytes / 2 + 4096)?))
     })
     .await?;
