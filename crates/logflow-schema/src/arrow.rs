@@ -19,7 +19,7 @@ use prost_reflect::{DynamicMessage, Kind, MapKey, MessageDescriptor, Value};
 
 use crate::error::{DecodeError, DecodeErrorKind, SchemaError};
 use crate::plan::{FieldPlan, MessagePlan, Shape};
-use crate::row::{RowMeta, proto_json};
+use crate::row::{RowMeta, proto_json, seconds_nanos};
 
 const NANOS: i128 = 1_000_000_000;
 
@@ -359,14 +359,7 @@ fn build_values(
                 out.push(match v.and_then(Value::as_message) {
                     None => None,
                     Some(m) => {
-                        let secs = m
-                            .get_field_by_number(1)
-                            .and_then(|v| v.as_i64())
-                            .unwrap_or(0);
-                        let nanos = m
-                            .get_field_by_number(2)
-                            .and_then(|v| v.as_i32())
-                            .unwrap_or(0);
+                        let (secs, nanos) = seconds_nanos(m);
                         Some(if matches!(shape, Shape::Timestamp) {
                             i128::from(secs * 1_000_000 + i64::from(nanos.div_euclid(1000)))
                         } else {

@@ -318,7 +318,8 @@ fn message(v: &Value) -> Result<&DynamicMessage, DecodeError> {
         .ok_or_else(|| DecodeError::new(DecodeErrorKind::InvalidValue, "expected a message value"))
 }
 
-fn seconds_nanos(m: &DynamicMessage) -> (i64, i32) {
+/// Fields 1 (seconds) and 2 (nanos) of a decoded Timestamp or Duration.
+pub(crate) fn seconds_nanos(m: &DynamicMessage) -> (i64, i32) {
     let secs = m
         .get_field_by_number(1)
         .and_then(|v| v.as_i64())

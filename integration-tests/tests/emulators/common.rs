@@ -103,3 +103,30 @@ pub(crate) async fn run_until_acked(cfg: Config, clients: &Clients, total: u64) 
     running.done.await.unwrap().unwrap();
     snap
 }
+
+/// A fresh topic and subscription (`{prefix}-…-sub`) with `n` samples of `message_type` (10 %
+/// malformed) published to it, as the stream of a pipeline named `pipeline` writing to a table
+/// of the same name.
+pub(crate) async fn published_stream(
+    emu: &Emulators,
+    prefix: &str,
+    pipeline: &str,
+    message_type: &str,
+    n: usize,
+    seed: u64,
+) -> Stream {
+    let topic = unique(prefix);
+    let subscription = format!("{topic}-sub");
+    let topic_path = emu
+        .topic_and_subscription(&topic, &subscription)
+        .await
+        .unwrap();
+    let published = publish_samples(emu, &topic_path, message_type, n, seed).await;
+    Stream {
+        pipeline: pipeline.into(),
+        subscription,
+        table: pipeline.into(),
+        message_type: message_type.into(),
+        published,
+    }
+}

@@ -14,7 +14,7 @@ use logflow_integration_tests::{Emulators, unique};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{
-    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, publish_samples,
+    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, published_stream,
 };
 
 /// Waits until the workers' acks add up to `total`.
@@ -96,21 +96,8 @@ struct Setup {
 async fn setup(n: usize, seed: u64) -> Setup {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
-    let topic = unique("consume");
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu
-        .topic_and_subscription(&topic, &subscription)
-        .await
-        .unwrap();
     let ty = "acme.auth.v1.AuthEvent";
-    let published = publish_samples(&emu, &topic_path, ty, n, seed).await;
-    let stream = Stream {
-        pipeline: "auth".into(),
-        subscription,
-        table: "auth".into(),
-        message_type: ty.into(),
-        published,
-    };
+    let stream = published_stream(&emu, "consume", "auth", ty, n, seed).await;
     Setup {
         emu,
         raw,

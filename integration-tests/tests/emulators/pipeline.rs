@@ -12,7 +12,7 @@ use logflow_gcs::{archive, deadletter};
 use logflow_integration_tests::{Emulators, schemas_dir, unique};
 
 use crate::common::{
-    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, publish_samples,
+    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, published_stream,
     run_until_acked,
 };
 use prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
@@ -223,20 +223,7 @@ async fn every_message_is_archived_and_inserted_or_dead_lettered() {
     .into_iter()
     .enumerate()
     {
-        let topic = unique(name);
-        let subscription = format!("{topic}-sub");
-        let topic_path = emu
-            .topic_and_subscription(&topic, &subscription)
-            .await
-            .unwrap();
-        let published = publish_samples(&emu, &topic_path, ty, 300, 11 + i as u64).await;
-        streams.push(Stream {
-            pipeline: name.into(),
-            subscription,
-            table: name.into(),
-            message_type: ty.into(),
-            published,
-        });
+        streams.push(published_stream(&emu, name, name, ty, 300, 11 + i as u64).await);
     }
     let cfg = load_config(&config_yaml(
         &emu.project,
@@ -335,20 +322,8 @@ async fn rows_bigquery_rejects_go_to_the_dead_letter_path() {
         }
     }
     emu.table(&dataset, "http", schema).await.unwrap();
-    let topic = unique("bad-rows");
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu
-        .topic_and_subscription(&topic, &subscription)
-        .await
-        .unwrap();
-    let published = publish_samples(&emu, &topic_path, ty, 50, 5).await;
-    let stream = Stream {
-        pipeline: "http".into(),
-        subscription: subscription.clone(),
-        table: "http".into(),
-        message_type: ty.into(),
-        published,
-    };
+    let stream = published_stream(&emu, "bad-rows", "http", ty, 50, 5).await;
+    let subscription = stream.subscription.clone();
     let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let total = stream.published.len() as u64;
@@ -451,20 +426,7 @@ async fn an_older_table_gains_the_new_columns() {
         .retain(|f| f["name"] != "remote_ip" && f["name"] != "labels");
     emu.table(&dataset, "http", schema).await.unwrap();
 
-    let topic = unique("evolve");
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu
-        .topic_and_subscription(&topic, &subscription)
-        .await
-        .unwrap();
-    let published = publish_samples(&emu, &topic_path, ty, 40, 9).await;
-    let stream = Stream {
-        pipeline: "http".into(),
-        subscription,
-        table: "http".into(),
-        message_type: ty.into(),
-        published,
-    };
+    let stream = published_stream(&emu, "evolve", "http", ty, 40, 9).await;
     let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let total = stream.published.len() as u64;
@@ -603,21 +565,8 @@ async fn parsed_records_land_as_parquet_that_duckdb_reads() {
     let (raw, dlq, dataset) = destinations(&emu).await;
     let parsed = unique("parsed");
     emu.bucket(&parsed).await.unwrap();
-    let topic = unique("parsed");
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu
-        .topic_and_subscription(&topic, &subscription)
-        .await
-        .unwrap();
     let ty = "acme.auth.v1.AuthEvent";
-    let published = publish_samples(&emu, &topic_path, ty, 200, 71).await;
-    let stream = Stream {
-        pipeline: "auth".into(),
-        subscription,
-        table: "auth".into(),
-        message_type: ty.into(),
-        published,
-    };
+    let stream = published_stream(&emu, "parsed", "auth", ty, 200, 71).await;
     let yaml = config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
         "    flow_control:",
         &format!("    parsed: {{ bucket: {parsed}, prefix: parsed, batch: {{ max_items: 150, max_bytes: 4000000, max_age: 1s }} }}\n    flow_control:"),

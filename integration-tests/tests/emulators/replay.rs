@@ -6,9 +6,7 @@ use logflow::replay::{ReplayOptions, replay};
 use logflow::worker::Clients;
 use logflow_integration_tests::{Emulators, unique};
 
-use crate::common::{
-    Stream, config_yaml, destinations, load_config, publish_samples, run_until_acked,
-};
+use crate::common::{config_yaml, destinations, load_config, published_stream, run_until_acked};
 
 fn options(pipeline: &str, from: String) -> ReplayOptions {
     ReplayOptions {
@@ -28,21 +26,9 @@ fn options(pipeline: &str, from: String) -> ReplayOptions {
 async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
-    let topic = unique("replay");
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu
-        .topic_and_subscription(&topic, &subscription)
-        .await
-        .unwrap();
     let ty = "acme.payments.v1.PaymentEvent";
-    let published = publish_samples(&emu, &topic_path, ty, 400, 61).await;
-    let stream = Stream {
-        pipeline: "pay".into(),
-        subscription: subscription.clone(),
-        table: "pay".into(),
-        message_type: ty.into(),
-        published,
-    };
+    let stream = published_stream(&emu, "replay", "pay", ty, 400, 61).await;
+    let subscription = stream.subscription.clone();
     let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let total = stream.published.len() as u64;
