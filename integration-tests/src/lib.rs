@@ -156,6 +156,20 @@ impl Emulators {
             .await
             .map(|_| ())
     }
+
+    /// The table resource (tables.get).
+    pub async fn table_resource(
+        &self,
+        dataset: &str,
+        table: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let url = format!(
+            "{}/bigquery/v2/projects/{}/datasets/{dataset}/tables/{table}",
+            self.endpoints.bigquery.as_deref().unwrap_or_default(),
+            self.project
+        );
+        self.call(self.http.get(url), "get table").await
+    }
 }
 
 /// A name unique to this test run: `{prefix}-{random}` (lower case, valid everywhere).

@@ -280,6 +280,7 @@ impl BigQuery {
         dataset: &str,
         table: &str,
         schema: serde_json::Value,
+        clustering: &[String],
     ) -> Result<TableStatus, BqError> {
         let target = format!("{dataset}.{table}");
         let url = format!(
@@ -288,7 +289,7 @@ impl BigQuery {
         );
         for _ in 0..PATCH_ATTEMPTS {
             let Some((etag, current)) = self.get_json(&url, &target).await? else {
-                return self.create_table(dataset, table, schema).await;
+                return self.create_table(dataset, table, schema, clustering).await;
             };
             let existing = current
                 .pointer("/schema/fields")
@@ -332,15 +333,19 @@ impl BigQuery {
         dataset: &str,
         table: &str,
         schema: serde_json::Value,
+        clustering: &[String],
     ) -> Result<TableStatus, BqError> {
         let project = self.options.project.clone();
         let target = format!("{dataset}.{table}");
-        let resource = serde_json::json!({
+        let mut resource = serde_json::json!({
             "tableReference": {"projectId": project, "datasetId": dataset, "tableId": table},
             "schema": schema,
             "timePartitioning": {"type": "DAY", "field": "_publish_time"},
             "description": "Written by logflow: one row per Pub/Sub message, insertId = _message_id.",
         });
+        if !clustering.is_empty() {
+            resource["clustering"] = serde_json::json!({ "fields": clustering });
+        }
         let table_res: Table = serde_json::from_value(resource).map_err(|e| BqError::Protocol {
             op: "tables.insert",
             target: target.clone(),
@@ -354,7 +359,7 @@ impl BigQuery {
             Err(e) => match admin_error("tables.insert", &target, e) {
                 // Another worker created it first: check it again.
                 BqError::Http { status: 409, .. } => {
-                    Box::pin(self.ensure_table(dataset, table, schema)).await
+                    Box::pin(self.ensure_table(dataset, table, schema, clustering)).await
                 }
                 other => Err(other),
             },

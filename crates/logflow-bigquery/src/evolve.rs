@@ -96,6 +96,42 @@ fn merge(existing: &Value, desired: &Value, prefix: &str, out: &mut SchemaDiff) 
     Value::Array(result)
 }
 
+/// Checks that `column` can cluster a table of the given schema: BigQuery clusters on at most
+/// four top-level, non-repeated columns of an orderable type (not FLOAT64, BYTES, JSON or
+/// RECORD). The error says what is wrong with the column.
+pub fn check_clustering_column(fields: &serde_json::Value, column: &str) -> Result<(), String> {
+    const CLUSTERABLE: &[&str] = &[
+        "STRING",
+        "INTEGER",
+        "INT64",
+        "BOOLEAN",
+        "BOOL",
+        "TIMESTAMP",
+        "DATE",
+        "DATETIME",
+        "NUMERIC",
+        "BIGNUMERIC",
+        "GEOGRAPHY",
+    ];
+    let field = fields
+        .as_array()
+        .and_then(|a| a.iter().find(|f| f["name"] == column))
+        .ok_or_else(|| format!("no top-level column `{column}` in the table schema"))?;
+    if field["mode"] == "REPEATED" {
+        return Err(format!(
+            "column `{column}` is REPEATED; BigQuery clusters only on single values"
+        ));
+    }
+    let ty = field["type"].as_str().unwrap_or_default();
+    if !CLUSTERABLE.contains(&ty) {
+        return Err(format!(
+            "column `{column}` is {ty}; BigQuery clusters on {}",
+            CLUSTERABLE.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +184,27 @@ mod tests {
     fn an_identical_schema_needs_nothing() {
         let s = json!([{"name": "a", "type": "INT64", "mode": "NULLABLE"}]);
         assert_eq!(diff(&s, &s), SchemaDiff::default());
+    }
+
+    #[test]
+    fn clustering_columns_must_be_top_level_single_and_orderable() {
+        let fields = json!([
+            {"name": "service", "type": "STRING", "mode": "NULLABLE"},
+            {"name": "_publish_time", "type": "TIMESTAMP", "mode": "REQUIRED"},
+            {"name": "tags", "type": "STRING", "mode": "REPEATED"},
+            {"name": "latency", "type": "FLOAT64", "mode": "NULLABLE"},
+            {"name": "r", "type": "RECORD", "mode": "NULLABLE", "fields": [{"name": "x", "type": "STRING"}]},
+        ]);
+        assert!(check_clustering_column(&fields, "service").is_ok());
+        assert!(check_clustering_column(&fields, "_publish_time").is_ok());
+        for (col, says) in [
+            ("tags", "REPEATED"),
+            ("latency", "FLOAT64"),
+            ("r", "RECORD"),
+            ("x", "no top-level column"),
+        ] {
+            let e = check_clustering_column(&fields, col).unwrap_err();
+            assert!(e.contains(says) && e.contains(col), "{e}");
+        }
     }
 }

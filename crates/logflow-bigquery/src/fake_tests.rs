@@ -13,8 +13,9 @@ use crate::{BigQuery, BigQueryOptions};
 /// One scripted answer: `None` closes the connection without answering.
 type Answer = Option<(u16, &'static str)>;
 
-/// Serves `answers` in order on 127.0.0.1, one per connection; records the request bodies.
-async fn fake(answers: Vec<Answer>) -> (String, Arc<Mutex<Vec<String>>>) {
+/// Serves `answers` in order on 127.0.0.1, one per connection; records each request's head
+/// (request line and headers) and body.
+async fn fake(answers: Vec<Answer>) -> (String, Arc<Mutex<Vec<(String, String)>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let bodies = Arc::new(Mutex::new(Vec::new()));
@@ -52,9 +53,10 @@ async fn fake(answers: Vec<Answer>) -> (String, Arc<Mutex<Vec<String>>>) {
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }
-            seen.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&buf[head_end..]).into_owned());
+            seen.lock().unwrap().push((
+                String::from_utf8_lossy(&buf[..head_end]).into_owned(),
+                String::from_utf8_lossy(&buf[head_end..]).into_owned(),
+            ));
             match answer {
                 None => drop(conn),
                 Some((status, body)) => {
@@ -159,7 +161,80 @@ async fn stopped_rows_are_resent_and_invalid_rows_reported() {
     assert_eq!(out.rejected[0].index, 1);
     assert_eq!(out.rejected[0].message, "a: bad");
     let bodies = bodies.lock().unwrap();
-    let resent: serde_json::Value = serde_json::from_str(&bodies[1]).unwrap();
+    let resent: serde_json::Value = serde_json::from_str(&bodies[1].1).unwrap();
     assert_eq!(resent["rows"].as_array().unwrap().len(), 1);
     assert_eq!(resent["rows"][0]["insertId"], "id-0");
+}
+
+/// local-bigquery applies only top-level column additions, so the nested case of schema
+/// evolution is checked here: a field added inside a RECORD is patched into the table with the
+/// etag of what was read, and a concurrent change (412) makes the client read again.
+#[tokio::test]
+async fn a_field_added_inside_a_record_is_patched_with_the_etag() {
+    let table = |etag: &str, with_c: bool| {
+        let mut req = serde_json::json!([{"name": "a", "type": "STRING", "mode": "NULLABLE"}]);
+        if with_c {
+            req.as_array_mut()
+                .unwrap()
+                .push(serde_json::json!({"name": "c", "type": "STRING", "mode": "NULLABLE"}));
+        }
+        serde_json::json!({
+            "etag": etag,
+            "schema": {"fields": [
+                {"name": "_message_id", "type": "STRING", "mode": "REQUIRED"},
+                {"name": "request", "type": "RECORD", "mode": "NULLABLE", "fields": req},
+            ]}
+        })
+        .to_string()
+        .leak() as &'static str
+    };
+    let (ep, seen) = fake(vec![
+        Some((200, table("etag-1", false))),
+        Some((
+            412,
+            r#"{"error":{"code":412,"message":"Precondition check failed."}}"#,
+        )),
+        // Someone else added `c` meanwhile: the client must keep it and add `b`.
+        Some((200, table("etag-2", true))),
+        Some((200, "{}")),
+    ])
+    .await;
+    let bq = client(ep, 3).await;
+    let desired = serde_json::json!({"fields": [
+        {"name": "_message_id", "type": "STRING", "mode": "REQUIRED"},
+        {"name": "request", "type": "RECORD", "mode": "NULLABLE", "fields": [
+            {"name": "a", "type": "STRING", "mode": "NULLABLE"},
+            {"name": "b", "type": "RECORD", "mode": "NULLABLE", "fields": [
+                {"name": "x", "type": "INT64", "mode": "NULLABLE"}]},
+        ]},
+    ]});
+    let status = bq.ensure_table("ds", "t", desired, &[]).await.unwrap();
+    assert!(!status.created);
+    assert_eq!(status.added, ["request.b"]);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 4);
+    let (patch1, patch2) = (&seen[1], &seen[3]);
+    for (head, etag) in [(&patch1.0, "etag-1"), (&patch2.0, "etag-2")] {
+        assert!(head.starts_with("PATCH /"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("if-match: {etag}")),
+            "{head}"
+        );
+    }
+    assert!(
+        seen[2].0.starts_with("GET /"),
+        "re-read after 412: {}",
+        seen[2].0
+    );
+    let sent: serde_json::Value = serde_json::from_str(&patch2.1).unwrap();
+    let request = &sent["schema"]["fields"][1];
+    let names: Vec<&str> = request["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "c", "b"], "{sent}");
+    assert_eq!(request["fields"][2]["fields"][0]["name"], "x");
 }

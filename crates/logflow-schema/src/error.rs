@@ -27,6 +27,19 @@ pub enum SchemaError {
         /// What went wrong.
         message: String,
     },
+    /// Two sources define the same file differently.
+    #[error(
+        "schema: {file} is defined differently by {first} and {second}; remove one copy \
+         (a file name must mean one definition across all schema sources)"
+    )]
+    Conflict {
+        /// The file name (as imported).
+        file: String,
+        /// The first source that defines it.
+        first: String,
+        /// The second.
+        second: String,
+    },
     /// A configured message type is not in the registry.
     #[error(
         "schema: message type `{name}` is not defined in the loaded schemas; \

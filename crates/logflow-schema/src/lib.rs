@@ -17,7 +17,7 @@ mod wkt;
 
 pub use arrow::{ArrowEncoder, arrow_schema};
 pub use error::{DecodeError, DecodeErrorKind, SchemaError};
-pub use registry::Registry;
+pub use registry::{Registry, SchemaSource};
 pub use row::{RowEncoder, RowMeta};
 pub use table::{METADATA_COLUMNS, table_schema};
 

@@ -1,10 +1,12 @@
 //! Loads descriptors (compiling `.proto` files with protox, or reading descriptor sets) and
 //! resolves message types by full name.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use prost::Message as _;
 use prost_reflect::{DescriptorPool, MessageDescriptor};
+use protox::file::{ChainFileResolver, File, FileResolver, GoogleFileResolver};
 
 use crate::error::SchemaError;
 
@@ -14,36 +16,166 @@ pub struct Registry {
     pool: DescriptorPool,
 }
 
-impl Registry {
-    /// Compiles every `.proto` file under `dirs` (recursively); imports resolve against `dirs`
-    /// and protox's built-in well-known types.
-    pub fn from_proto_dirs(dirs: &[PathBuf]) -> Result<Self, SchemaError> {
-        let shown = dirs
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut files = Vec::new();
-        for dir in dirs {
-            collect_protos(dir, dir, &mut files).map_err(|e| SchemaError::Compile {
-                dirs: shown.clone(),
-                message: format!("cannot read {}: {e}", dir.display()),
-            })?;
-        }
-        if files.is_empty() {
-            return Err(SchemaError::NoFiles(shown));
-        }
-        files.sort();
-        let compile_err = |e: protox::Error| SchemaError::Compile {
-            dirs: shown.clone(),
-            message: e.to_string(),
+/// One source of descriptors, already read into memory. The caller does the I/O (local files,
+/// or GCS objects for `gs://` sources), so that loading stays pure and testable.
+#[derive(Debug, Clone)]
+pub enum SchemaSource {
+    /// `.proto` files of one directory tree: `(name relative to the root, text)`. Imports
+    /// resolve across the files of every `ProtoFiles` source and the well-known types.
+    ProtoFiles {
+        /// Where the files came from (a directory or a `gs://` prefix), for error messages.
+        origin: String,
+        /// The files.
+        files: Vec<(String, String)>,
+    },
+    /// An encoded `FileDescriptorSet` (`protoc --include_imports --descriptor_set_out`).
+    DescriptorSet {
+        /// Where the set came from (a file or a `gs://` object), for error messages.
+        origin: String,
+        /// The encoded set.
+        bytes: Vec<u8>,
+    },
+}
+
+impl SchemaSource {
+    /// Reads every `.proto` file under `dir` (recursively).
+    pub fn read_proto_dir(dir: &Path) -> Result<Self, SchemaError> {
+        let origin = dir.display().to_string();
+        let err = |e: std::io::Error| SchemaError::Compile {
+            dirs: origin.clone(),
+            message: format!("cannot read {}: {e}", dir.display()),
         };
-        let mut compiler = protox::Compiler::new(dirs).map_err(compile_err)?;
-        compiler.include_imports(true).include_source_info(true);
-        compiler.open_files(&files).map_err(compile_err)?;
-        Ok(Registry {
-            pool: compiler.descriptor_pool(),
+        let mut names = Vec::new();
+        collect_protos(dir, dir, &mut names).map_err(err)?;
+        let mut files = Vec::with_capacity(names.len());
+        for name in names {
+            let text = std::fs::read_to_string(dir.join(&name)).map_err(err)?;
+            let name = name
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy())
+                .collect::<Vec<_>>()
+                .join("/");
+            files.push((name, text));
+        }
+        Ok(SchemaSource::ProtoFiles { origin, files })
+    }
+
+    /// Reads a descriptor set file.
+    pub fn read_descriptor_set(path: &Path) -> Result<Self, SchemaError> {
+        let bytes = std::fs::read(path).map_err(|e| SchemaError::DescriptorSet {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(SchemaSource::DescriptorSet {
+            origin: path.display().to_string(),
+            bytes,
         })
+    }
+}
+
+/// `.proto` files held in memory, by import name.
+struct MemoryFiles(BTreeMap<String, (String, String)>);
+
+impl FileResolver for MemoryFiles {
+    fn open_file(&self, name: &str) -> Result<File, protox::Error> {
+        match self.0.get(name) {
+            Some((_, text)) => File::from_source(name, text),
+            None => Err(protox::Error::file_not_found(name)),
+        }
+    }
+}
+
+impl Registry {
+    /// Builds the registry from every source: all `.proto` files are compiled together (with
+    /// source info, for column descriptions), then descriptor sets are added. A file name that two
+    /// sources define differently is an error naming both; identical copies are taken once.
+    pub fn from_sources(sources: &[SchemaSource]) -> Result<Self, SchemaError> {
+        let mut protos: BTreeMap<String, (String, String)> = BTreeMap::new();
+        let mut origins = Vec::new();
+        for source in sources {
+            let SchemaSource::ProtoFiles { origin, files } = source else {
+                continue;
+            };
+            origins.push(origin.as_str());
+            for (name, text) in files {
+                match protos.get(name) {
+                    Some((first, existing)) if existing != text => {
+                        return Err(SchemaError::Conflict {
+                            file: name.clone(),
+                            first: first.clone(),
+                            second: origin.clone(),
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        protos.insert(name.clone(), (origin.clone(), text.clone()));
+                    }
+                }
+            }
+        }
+        let shown = origins.join(", ");
+        let mut pool = if protos.is_empty() {
+            if !origins.is_empty() {
+                return Err(SchemaError::NoFiles(shown));
+            }
+            DescriptorPool::new()
+        } else {
+            let names: Vec<String> = protos.keys().cloned().collect();
+            let mut resolver = ChainFileResolver::new();
+            resolver.add(MemoryFiles(protos.clone()));
+            resolver.add(GoogleFileResolver::new());
+            let mut compiler = protox::Compiler::with_file_resolver(resolver);
+            compiler.include_imports(true).include_source_info(true);
+            compiler
+                .open_files(&names)
+                .map_err(|e| SchemaError::Compile {
+                    dirs: shown.clone(),
+                    message: e.to_string(),
+                })?;
+            compiler.descriptor_pool()
+        };
+        for source in sources {
+            let SchemaSource::DescriptorSet { origin, bytes } = source else {
+                continue;
+            };
+            let err = |message: String| SchemaError::DescriptorSet {
+                path: origin.clone(),
+                message,
+            };
+            let set = prost_types::FileDescriptorSet::decode(bytes.as_slice())
+                .map_err(|e| err(format!("not a FileDescriptorSet: {e}")))?;
+            for file in &set.file {
+                let name = file.name();
+                if name.starts_with("google/protobuf/") {
+                    continue;
+                }
+                if let Some(existing) = pool.get_file_by_name(name)
+                    && !same_definitions(existing.file_descriptor_proto(), file)
+                {
+                    let first = protos
+                        .get(name)
+                        .map_or_else(|| "another descriptor set".to_string(), |(o, _)| o.clone());
+                    return Err(SchemaError::Conflict {
+                        file: name.to_string(),
+                        first,
+                        second: origin.clone(),
+                    });
+                }
+            }
+            pool.add_file_descriptor_set(set)
+                .map_err(|e| err(e.to_string()))?;
+        }
+        Ok(Registry { pool })
+    }
+
+    /// Compiles every `.proto` file under `dirs` (recursively); imports resolve against `dirs`
+    /// and the well-known types.
+    pub fn from_proto_dirs(dirs: &[PathBuf]) -> Result<Self, SchemaError> {
+        let sources = dirs
+            .iter()
+            .map(|d| SchemaSource::read_proto_dir(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_sources(&sources)
     }
 
     /// Compiles the given `.proto` files (paths relative to one of `includes`).
@@ -79,15 +211,7 @@ impl Registry {
 
     /// Reads a `FileDescriptorSet` (e.g. `protoc --include_imports --descriptor_set_out`).
     pub fn from_descriptor_set_file(path: &Path) -> Result<Self, SchemaError> {
-        let err = |message: String| SchemaError::DescriptorSet {
-            path: path.display().to_string(),
-            message,
-        };
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let set = prost_types::FileDescriptorSet::decode(bytes.as_slice())
-            .map_err(|e| err(e.to_string()))?;
-        let pool = DescriptorPool::from_file_descriptor_set(set).map_err(|e| err(e.to_string()))?;
-        Ok(Registry { pool })
+        Self::from_sources(&[SchemaSource::read_descriptor_set(path)?])
     }
 
     /// The descriptor of a message type, by full name (`acme.http.v1.HttpAccessLog`).
@@ -121,6 +245,20 @@ impl Registry {
     pub fn pool(&self) -> &DescriptorPool {
         &self.pool
     }
+}
+
+/// Whether two descriptors of one file define the same things (source info aside: protoc and
+/// protox record comments differently).
+fn same_definitions(
+    a: &prost_types::FileDescriptorProto,
+    b: &prost_types::FileDescriptorProto,
+) -> bool {
+    let strip = |f: &prost_types::FileDescriptorProto| {
+        let mut f = f.clone();
+        f.source_code_info = None;
+        f
+    };
+    strip(a) == strip(b)
 }
 
 /// Collects `.proto` files under `dir`, as paths relative to `root` (what protox expects).
@@ -161,6 +299,131 @@ mod tests {
             .to_string();
         assert!(e.contains("acme.http.v1.HttpAccesLog"), "{e}");
         assert!(e.contains("acme.http.v1.HttpAccessLog"), "{e}");
+    }
+
+    fn protos(origin: &str, files: &[(&str, &str)]) -> SchemaSource {
+        SchemaSource::ProtoFiles {
+            origin: origin.to_string(),
+            files: files
+                .iter()
+                .map(|(n, t)| (n.to_string(), t.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Encodes the descriptor set of `files`, as `protoc --include_imports` would.
+    fn descriptor_set(files: &[(&str, &str)]) -> Vec<u8> {
+        let r = Registry::from_sources(&[protos("mem", files)]).unwrap();
+        let set = prost_types::FileDescriptorSet {
+            file: r.pool.file_descriptor_protos().cloned().collect(),
+        };
+        set.encode_to_vec()
+    }
+
+    const COMMON: &str = "syntax = \"proto3\";\npackage c;\nmessage Shared { string id = 1; }\n";
+    const USES_COMMON: &str = "syntax = \"proto3\";\npackage a;\nimport \"c/common.proto\";\n\
+        import \"google/protobuf/timestamp.proto\";\n\
+        message A { c.Shared s = 1; google.protobuf.Timestamp t = 2; }\n";
+
+    #[test]
+    fn sources_merge_and_imports_resolve_across_them() {
+        let set = descriptor_set(&[(
+            "b/b.proto",
+            "syntax = \"proto3\";\npackage b;\nmessage B { int64 n = 1; }\n",
+        )]);
+        let r = Registry::from_sources(&[
+            protos("gs://bucket/common/", &[("c/common.proto", COMMON)]),
+            protos("schemas/", &[("a/a.proto", USES_COMMON)]),
+            SchemaSource::DescriptorSet {
+                origin: "gs://bucket/b.pb".into(),
+                bytes: set,
+            },
+        ])
+        .unwrap();
+        assert_eq!(r.message_names(), ["a.A", "b.B", "c.Shared"]);
+        let a = r.message("a.A").unwrap();
+        assert_eq!(
+            a.get_field_by_name("s")
+                .unwrap()
+                .kind()
+                .as_message()
+                .unwrap()
+                .full_name(),
+            "c.Shared"
+        );
+    }
+
+    #[test]
+    fn a_file_defined_twice_differently_names_both_sources() {
+        let other = "syntax = \"proto3\";\npackage c;\nmessage Shared { int64 id = 1; }\n";
+        let e = Registry::from_sources(&[
+            protos("dir-one", &[("c/common.proto", COMMON)]),
+            protos("gs://b/two/", &[("c/common.proto", other)]),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("c/common.proto") && e.contains("dir-one") && e.contains("gs://b/two/"),
+            "{e}"
+        );
+        // The same conflict between .proto files and a descriptor set.
+        let e = Registry::from_sources(&[
+            protos("dir-one", &[("c/common.proto", COMMON)]),
+            SchemaSource::DescriptorSet {
+                origin: "set.pb".into(),
+                bytes: descriptor_set(&[("c/common.proto", other)]),
+            },
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("c/common.proto") && e.contains("dir-one") && e.contains("set.pb"),
+            "{e}"
+        );
+        // Identical copies are fine.
+        Registry::from_sources(&[
+            protos("dir-one", &[("c/common.proto", COMMON)]),
+            protos("dir-two", &[("c/common.proto", COMMON)]),
+            SchemaSource::DescriptorSet {
+                origin: "set.pb".into(),
+                bytes: descriptor_set(&[("c/common.proto", COMMON)]),
+            },
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn a_bad_descriptor_set_names_its_origin() {
+        let e = Registry::from_sources(&[SchemaSource::DescriptorSet {
+            origin: "gs://b/broken.pb".into(),
+            bytes: b"\x0a\xff\xff".to_vec(),
+        }])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("gs://b/broken.pb") && e.contains("not a FileDescriptorSet"),
+            "{e}"
+        );
+        // A missing import in a set (built without --include_imports) is named too.
+        let set = prost_types::FileDescriptorSet {
+            file: Registry::from_sources(&[protos(
+                "mem",
+                &[("c/common.proto", COMMON), ("a/a.proto", USES_COMMON)],
+            )])
+            .unwrap()
+            .pool
+            .get_file_by_name("a/a.proto")
+            .map(|f| f.file_descriptor_proto().clone())
+            .into_iter()
+            .collect(),
+        };
+        let e = Registry::from_sources(&[SchemaSource::DescriptorSet {
+            origin: "only-a.pb".into(),
+            bytes: set.encode_to_vec(),
+        }])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("only-a.pb"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! The field doc comments below are the reference; README.md has an annotated example.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use logflow_core::{BatchLimits, RetryPolicy};
@@ -33,17 +33,24 @@ pub struct Config {
     pub admin_listen: String,
 }
 
-/// Descriptor sources.
+/// Descriptor sources. Each entry is a local path (relative to the config file) or a
+/// `gs://bucket/path` location; all sources are merged into one registry.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchemasConfig {
-    /// Directories of `.proto` files, compiled at start (imports resolve against them).
-    /// Relative paths are relative to the config file.
+    /// Directories of `.proto` files (or `gs://bucket/prefix/` holding them), compiled together
+    /// at start: imports resolve across all of them and the well-known types.
     #[serde(default)]
-    pub proto_dirs: Vec<PathBuf>,
-    /// `FileDescriptorSet` files (`protoc --include_imports --descriptor_set_out=...`).
+    pub proto_dirs: Vec<String>,
+    /// `FileDescriptorSet` files or `gs://` objects (`protoc --include_imports
+    /// --descriptor_set_out=...`).
     #[serde(default)]
-    pub descriptor_sets: Vec<PathBuf>,
+    pub descriptor_sets: Vec<String>,
+}
+
+/// Whether a schema location is a GCS one.
+pub fn is_gcs_location(location: &str) -> bool {
+    location.starts_with("gs://")
 }
 
 /// One subscription and where its messages go.
@@ -95,6 +102,11 @@ pub struct BigQueryConfig {
     /// insertAll requests in flight at once.
     #[serde(default = "default_bq_concurrency")]
     pub concurrency: usize,
+    /// Columns that cluster the tables logflow creates (at most 4, top-level, e.g.
+    /// `[service, severity]`), on top of the DAY partitioning on `_publish_time`. Queries that
+    /// filter on them scan less. Existing tables are not re-clustered.
+    #[serde(default)]
+    pub clustering: Vec<String>,
 }
 
 /// Raw archive output.
@@ -242,8 +254,8 @@ impl Config {
             .iter_mut()
             .chain(cfg.schemas.descriptor_sets.iter_mut())
         {
-            if p.is_relative() {
-                *p = base.join(&*p);
+            if !is_gcs_location(p) && Path::new(p.as_str()).is_relative() {
+                *p = base.join(p.as_str()).display().to_string();
             }
         }
         Ok(cfg)
@@ -277,6 +289,28 @@ impl Config {
         if self.schemas.proto_dirs.is_empty() && self.schemas.descriptor_sets.is_empty() {
             return Err("schemas: give at least one of proto_dirs or descriptor_sets".into());
         }
+        for (field, list) in [
+            ("proto_dirs", &self.schemas.proto_dirs),
+            ("descriptor_sets", &self.schemas.descriptor_sets),
+        ] {
+            for (i, loc) in list.iter().enumerate() {
+                if let Some(rest) = loc.strip_prefix("gs://") {
+                    let (bucket, object) = rest.split_once('/').unwrap_or((rest, ""));
+                    if bucket.is_empty() || (field == "descriptor_sets" && object.is_empty()) {
+                        return Err(format!(
+                            "schemas.{field}[{i}]: `{loc}` must look like gs://BUCKET/{}",
+                            if field == "descriptor_sets" {
+                                "OBJECT"
+                            } else {
+                                "PREFIX/"
+                            }
+                        ));
+                    }
+                } else if loc.trim().is_empty() {
+                    return Err(format!("schemas.{field}[{i}]: must not be empty"));
+                }
+            }
+        }
         if self.pipelines.is_empty() {
             return Err("pipelines: at least one pipeline is needed".into());
         }
@@ -294,6 +328,12 @@ impl Config {
                 }
             };
             nonempty("name", &p.name)?;
+            if p.bigquery.clustering.len() > 4 {
+                return Err(format!(
+                    "{at}.bigquery.clustering: BigQuery clusters on at most 4 columns, {} given",
+                    p.bigquery.clustering.len()
+                ));
+            }
             if !p
                 .name
                 .chars()
@@ -466,6 +506,21 @@ pipelines:
             (
                 GOOD.replace("project: p", "project: p\nextra: 1"),
                 "unknown field `extra`",
+            ),
+            (
+                GOOD.replace("proto_dirs: [schemas]", "proto_dirs: [schemas, \"gs://\"]"),
+                "schemas.proto_dirs[1]: `gs://` must look like gs://BUCKET/PREFIX/",
+            ),
+            (
+                GOOD.replace(
+                    "proto_dirs: [schemas]",
+                    "descriptor_sets: [\"gs://bucket\"]",
+                ),
+                "schemas.descriptor_sets[0]: `gs://bucket` must look like gs://BUCKET/OBJECT",
+            ),
+            (
+                GOOD.replace("table: http", "table: http, clustering: [a, b, c, d, e]"),
+                "pipelines[0].bigquery.clustering: BigQuery clusters on at most 4 columns",
             ),
         ];
         for (yaml, needle) in cases {

@@ -249,7 +249,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => run(config).await,
         Command::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
-            for line in worker::check_config(&cfg)? {
+            let schemas = &cfg.schemas;
+            let gcs = if schemas
+                .proto_dirs
+                .iter()
+                .chain(&schemas.descriptor_sets)
+                .any(|l| logflow::config::is_gcs_location(l))
+            {
+                Some(worker::Clients::connect_gcs(&cfg, &Endpoints::from_env()).await?)
+            } else {
+                None
+            };
+            for line in worker::check_config(&cfg, gcs.as_ref()).await? {
                 println!("{line}");
             }
             println!("{}: ok", config.display());

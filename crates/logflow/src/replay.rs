@@ -309,7 +309,14 @@ pub async fn replay(
         .await;
     }
 
-    let (ctx, _) = worker::prepare(&cfg, i, &p, &worker::load_registry(&cfg)?, &clients).await?;
+    let (ctx, _) = worker::prepare(
+        &cfg,
+        i,
+        &p,
+        &worker::load_registry(&cfg, Some(&clients.gcs)).await?,
+        &clients,
+    )
+    .await?;
     let replay_id = format!("replay-{}", worker::worker_id());
     let mut stages: JoinSet<anyhow::Result<()>> = JoinSet::new();
     let decode_tx = worker::spawn_row_stages(&ctx, &p, &clients, &replay_id, &mut stages);
@@ -463,7 +470,7 @@ async fn dry_run(
 ) -> anyhow::Result<ReplaySummary> {
     let p = &cfg.pipelines[i];
     let router = crate::routing::TypeRouter::new(
-        worker::load_registry(cfg)?,
+        worker::load_registry(cfg, Some(&clients.gcs)).await?,
         &p.message_type,
         &p.bigquery.table,
         p.type_attribute.clone(),

@@ -71,6 +71,8 @@ pub struct StageContext {
     pub router: Arc<TypeRouter>,
     /// Counters.
     pub stats: Arc<Stats>,
+    /// Clustering columns of tables created by the pipeline.
+    pub clustering: Vec<String>,
 }
 
 /// Splits a batch into runs of one publish hour each (objects are partitioned by hour).
@@ -286,7 +288,20 @@ async fn prepare_table(
         target: md.full_name().to_string(),
         message: e.to_string(),
     })?;
-    let status = bq.ensure_table(dataset, &route.table, schema).await?;
+    // Types routed by attribute may lack some clustering columns: their tables cluster on the
+    // columns they have.
+    let clustering: Vec<String> = ctx
+        .clustering
+        .iter()
+        .filter(|c| logflow_bigquery::evolve::check_clustering_column(&schema["fields"], c).is_ok())
+        .cloned()
+        .collect();
+    if clustering.len() < ctx.clustering.len() {
+        warn!(pipeline = %ctx.pipeline, table = %route.table, message_type = md.full_name(), ?clustering, "the message type lacks some clustering columns; its table clusters on the rest");
+    }
+    let status = bq
+        .ensure_table(dataset, &route.table, schema, &clustering)
+        .await?;
     info!(pipeline = %ctx.pipeline, table = %route.table, message_type = md.full_name(), ?status, "table ready for a message type");
     Ok(())
 }

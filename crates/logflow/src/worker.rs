@@ -11,7 +11,7 @@ use logflow_bigquery::{BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES};
 use logflow_core::{Envelope, NoAuth, Stats, TokenProvider};
 use logflow_gcs::{Gcs, GcsOptions, ObjectNamer};
 use logflow_pubsub::{PubsubSource, SourceOptions};
-use logflow_schema::{Registry, table_schema};
+use logflow_schema::{Registry, SchemaSource, table_schema};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -31,28 +31,68 @@ const INSERT_CHANNEL: usize = 4;
 /// Failed messages waiting for the dead-letter writer.
 const DEAD_CHANNEL: usize = 1024;
 
-/// Loads every schema source of the config.
-pub fn load_registry(cfg: &Config) -> anyhow::Result<Registry> {
+/// Reads every schema source of the config (local files, or GCS objects through `gcs`) and
+/// builds the registry. `gs://` sources need `gcs`.
+pub async fn load_registry(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Registry> {
     let s = &cfg.schemas;
-    if !s.descriptor_sets.is_empty() && !s.proto_dirs.is_empty() {
-        anyhow::bail!(
-            "schemas: give proto_dirs or descriptor_sets, not both (merging is not supported yet)"
-        );
+    let mut sources = Vec::new();
+    for (i, loc) in s.proto_dirs.iter().enumerate() {
+        let at = || format!("schemas.proto_dirs[{i}] ({loc})");
+        sources.push(match gcs_location(loc) {
+            None => SchemaSource::read_proto_dir(std::path::Path::new(loc)).with_context(at)?,
+            Some((bucket, prefix)) => {
+                let gcs =
+                    gcs.with_context(|| format!("{}: a gs:// source needs GCS access", at()))?;
+                let prefix = match prefix {
+                    "" => String::new(),
+                    p if p.ends_with('/') => p.to_string(),
+                    p => format!("{p}/"),
+                };
+                let mut files = Vec::new();
+                let listed = gcs.list(bucket, &prefix).await.with_context(at)?;
+                for o in listed.iter().filter(|o| o.name.ends_with(".proto")) {
+                    let bytes = gcs.get(bucket, &o.name).await.with_context(at)?;
+                    let text = String::from_utf8(bytes.to_vec())
+                        .map_err(|_| anyhow::anyhow!("gs://{bucket}/{} is not UTF-8 text", o.name))
+                        .with_context(at)?;
+                    files.push((o.name[prefix.len()..].to_string(), text));
+                }
+                SchemaSource::ProtoFiles {
+                    origin: loc.clone(),
+                    files,
+                }
+            }
+        });
     }
-    if let [one] = s.descriptor_sets.as_slice() {
-        return Ok(Registry::from_descriptor_set_file(one)?);
+    for (i, loc) in s.descriptor_sets.iter().enumerate() {
+        let at = || format!("schemas.descriptor_sets[{i}] ({loc})");
+        sources.push(match gcs_location(loc) {
+            None => {
+                SchemaSource::read_descriptor_set(std::path::Path::new(loc)).with_context(at)?
+            }
+            Some((bucket, object)) => {
+                let gcs =
+                    gcs.with_context(|| format!("{}: a gs:// source needs GCS access", at()))?;
+                SchemaSource::DescriptorSet {
+                    origin: loc.clone(),
+                    bytes: gcs.get(bucket, object).await.with_context(at)?.to_vec(),
+                }
+            }
+        });
     }
-    if s.descriptor_sets.len() > 1 {
-        anyhow::bail!(
-            "schemas.descriptor_sets: give one file (merge sets with protoc --include_imports)"
-        );
-    }
-    Ok(Registry::from_proto_dirs(&s.proto_dirs)?)
+    Registry::from_sources(&sources).map_err(Into::into)
 }
 
-/// Checks the config offline: parses it, compiles the schemas and maps every message type.
-pub fn check_config(cfg: &Config) -> anyhow::Result<Vec<String>> {
-    let registry = load_registry(cfg)?;
+/// `gs://bucket/rest` → `(bucket, rest)`.
+fn gcs_location(loc: &str) -> Option<(&str, &str)> {
+    let rest = loc.strip_prefix("gs://")?;
+    Some(rest.split_once('/').unwrap_or((rest, "")))
+}
+
+/// Checks the config: compiles the schemas and maps every message type. Offline unless a
+/// schema source is in GCS (then `gcs` reads it).
+pub async fn check_config(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Vec<String>> {
+    let registry = load_registry(cfg, gcs).await?;
     let mut lines = Vec::new();
     for (i, p) in cfg.pipelines.iter().enumerate() {
         let md = registry
@@ -98,25 +138,12 @@ pub struct Clients {
 impl Clients {
     /// Connects to the emulators named in `endpoints`, and to Google with ADC for the rest.
     pub async fn connect(cfg: &Config, endpoints: &Endpoints) -> anyhow::Result<Clients> {
-        let adc = || -> anyhow::Result<Arc<dyn TokenProvider>> {
-            Ok(Arc::new(AdcTokens::new().map_err(|e| anyhow::anyhow!("{e}: run `gcloud auth application-default login` locally, or use Workload Identity on GKE"))?))
-        };
-        let gcs_tokens: Arc<dyn TokenProvider> = if endpoints.storage.is_some() {
-            Arc::new(NoAuth)
-        } else {
-            adc()?
-        };
+        let gcs = Self::connect_gcs(cfg, endpoints).await?;
         let bq_tokens: Arc<dyn TokenProvider> = if endpoints.bigquery.is_some() {
             Arc::new(NoAuth)
         } else {
-            adc()?
+            adc_tokens()?
         };
-        let gcs = Gcs::new(GcsOptions {
-            emulator_endpoint: endpoints.storage.clone(),
-            retry: cfg.retry,
-            tokens: gcs_tokens,
-        })
-        .await?;
         let bq = BigQuery::new(BigQueryOptions {
             emulator_endpoint: endpoints.bigquery.clone(),
             project: cfg.project.clone(),
@@ -132,6 +159,29 @@ impl Clients {
             subscriber,
         })
     }
+
+    /// Connects to GCS only (the emulator named in `endpoints`, or Google with ADC).
+    pub async fn connect_gcs(cfg: &Config, endpoints: &Endpoints) -> anyhow::Result<Gcs> {
+        let tokens: Arc<dyn TokenProvider> = if endpoints.storage.is_some() {
+            Arc::new(NoAuth)
+        } else {
+            adc_tokens()?
+        };
+        Ok(Gcs::new(GcsOptions {
+            emulator_endpoint: endpoints.storage.clone(),
+            retry: cfg.retry,
+            tokens,
+        })
+        .await?)
+    }
+}
+
+fn adc_tokens() -> anyhow::Result<Arc<dyn TokenProvider>> {
+    Ok(Arc::new(AdcTokens::new().map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: run `gcloud auth application-default login` locally, or use Workload Identity on GKE"
+        )
+    })?))
 }
 
 /// A started worker.
@@ -149,7 +199,7 @@ pub async fn start(
     clients: Clients,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningWorker> {
-    let registry = load_registry(&cfg)?;
+    let registry = load_registry(&cfg, Some(&clients.gcs)).await?;
     let worker = worker_id();
     let mut prepared = Vec::new();
     for (i, p) in cfg.pipelines.iter().enumerate() {
@@ -213,9 +263,24 @@ pub async fn prepare(
     .with_context(|| format!("{at}.message_type"))?;
     let default = router.default_route();
     let schema = table_schema(default.encoder.descriptor())?;
+    for (j, column) in p.bigquery.clustering.iter().enumerate() {
+        logflow_bigquery::evolve::check_clustering_column(&schema["fields"], column).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "{at}.bigquery.clustering[{j}]: {e} (message type {})",
+                    p.message_type
+                )
+            },
+        )?;
+    }
     let status = clients
         .bq
-        .ensure_table(&p.bigquery.dataset, &default.table, schema)
+        .ensure_table(
+            &p.bigquery.dataset,
+            &default.table,
+            schema,
+            &p.bigquery.clustering,
+        )
         .await
         .with_context(|| {
             format!(
@@ -257,6 +322,7 @@ pub async fn prepare(
         subscription: Arc::from(p.subscription_path(&cfg.project)),
         router: Arc::new(router),
         stats: Arc::new(Stats::default()),
+        clustering: p.bigquery.clustering.clone(),
     };
     Ok((Arc::new(ctx), p.clone()))
 }

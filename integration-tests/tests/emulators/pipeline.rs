@@ -640,3 +640,141 @@ async fn parsed_records_land_as_parquet_that_duckdb_reads() {
     );
     assert_eq!(text, format!("({0}, {0}, {0})", valid.len()));
 }
+
+/// Schema sources in GCS (a `.proto` tree under a prefix, plus a descriptor set object) merge
+/// into one registry; created tables are partitioned and clustered as configured, and a column
+/// that cannot cluster fails start-up naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_load_from_gcs_and_tables_are_clustered() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let stream = Stream {
+        pipeline: "deploys".into(),
+        subscription: "unused".into(),
+        table: "deploys".into(),
+        message_type: "ops.v1.DeployEvent".into(),
+        published: HashMap::new(),
+    };
+    let gcs = Clients::connect_gcs(
+        &load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream])),
+        &emu.endpoints,
+    )
+    .await
+    .unwrap();
+    let stats = logflow_core::Stats::default();
+    // The sample .proto tree, uploaded under a prefix.
+    let mut uploaded = 0;
+    for entry in walk(&schemas_dir()) {
+        let name = entry
+            .strip_prefix(schemas_dir())
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        let text = std::fs::read(&entry).unwrap();
+        gcs.put_new(
+            &raw,
+            &format!("registry/protos/{name}"),
+            text.into(),
+            "text/plain",
+            &stats,
+        )
+        .await
+        .unwrap();
+        uploaded += 1;
+    }
+    assert!(uploaded >= 3);
+    // A type that only a descriptor set defines, importing a file of the .proto tree.
+    let extra = logflow_schema::Registry::from_sources(&[
+        logflow_schema::SchemaSource::read_proto_dir(&schemas_dir()).unwrap(),
+        logflow_schema::SchemaSource::ProtoFiles {
+            origin: "test".into(),
+            files: vec![(
+                "ops/v1/deploy.proto".into(),
+                "syntax = \"proto3\";\npackage ops.v1;\nimport \"acme/common/v1/service.proto\";\n\
+                 message DeployEvent { acme.common.v1.ServiceInfo service = 1; string version = 2; }\n"
+                    .into(),
+            )],
+        },
+    ])
+    .unwrap();
+    let set = prost_types::FileDescriptorSet {
+        file: extra.pool().file_descriptor_protos().cloned().collect(),
+    };
+    gcs.put_new(
+        &raw,
+        "registry/all.pb",
+        prost::Message::encode_to_vec(&set).into(),
+        "application/octet-stream",
+        &stats,
+    )
+    .await
+    .unwrap();
+
+    let yaml = |clustering: &str| {
+        config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream])
+            .replace(
+                &format!("proto_dirs: [\"{}\"]", schemas_dir().display()),
+                &format!("proto_dirs: [\"gs://{raw}/registry/protos\"], descriptor_sets: [\"gs://{raw}/registry/all.pb\"]"),
+            )
+            .replace("table: deploys,", &format!("table: deploys, clustering: [{clustering}],"))
+    };
+    let cfg = load_config(&yaml("version, _subscription"));
+    assert!(
+        cfg.schemas.proto_dirs[0].starts_with("gs://"),
+        "{:?}",
+        cfg.schemas
+    );
+    let lines = worker::check_config(&cfg, Some(&gcs)).await.unwrap();
+    assert!(lines[0].contains("ops.v1.DeployEvent"), "{lines:?}");
+    let registry = worker::load_registry(&cfg, Some(&gcs)).await.unwrap();
+    for t in ["acme.http.v1.HttpAccessLog", "ops.v1.DeployEvent"] {
+        registry.message(t).unwrap();
+    }
+    // Without GCS access, a gs:// source is a clear error.
+    let e = format!("{:#}", worker::load_registry(&cfg, None).await.unwrap_err());
+    assert!(
+        e.contains("schemas.proto_dirs[0]") && e.contains("needs GCS"),
+        "{e}"
+    );
+
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    worker::prepare(&cfg, 0, &cfg.pipelines[0], &registry, &clients)
+        .await
+        .unwrap();
+    let table = emu.table_resource(&dataset, "deploys").await.unwrap();
+    assert_eq!(
+        table["clustering"]["fields"],
+        serde_json::json!(["version", "_subscription"]),
+        "{table}"
+    );
+    assert_eq!(
+        table["timePartitioning"]["field"], "_publish_time",
+        "{table}"
+    );
+
+    let cfg = load_config(&yaml("version, service"));
+    let e = format!(
+        "{:#}",
+        worker::prepare(&cfg, 0, &cfg.pipelines[0], &registry, &clients)
+            .await
+            .unwrap_err()
+    );
+    assert!(
+        e.contains("bigquery.clustering[1]") && e.contains("RECORD"),
+        "{e}"
+    );
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
