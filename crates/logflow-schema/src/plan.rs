@@ -105,6 +105,9 @@ pub(crate) struct FieldPlan {
     /// The JSON written when an implicit-presence field is absent (proto3 defaults).
     pub(crate) default_json: Box<[u8]>,
     pub(crate) shape: Shape,
+    /// Bit `w` set: an occurrence with wire type `w` belongs to this field (other wire types
+    /// are unknown fields). Filled in by [`MessagePlan::new`].
+    pub(crate) wires: u8,
 }
 
 /// The columns of one record, in field-number order.
@@ -122,7 +125,10 @@ pub(crate) struct MessagePlan {
 const LOOKUP_MAX_NUMBER: u32 = 4096;
 
 impl MessagePlan {
-    fn new(fields: Vec<FieldPlan>, oneofs: usize) -> Self {
+    fn new(mut fields: Vec<FieldPlan>, oneofs: usize) -> Self {
+        for f in &mut fields {
+            f.wires = crate::wire::accepted_wires(f);
+        }
         let max = fields.iter().map(|f| f.number).max().unwrap_or(0);
         let lookup = if max <= LOOKUP_MAX_NUMBER && fields.len() < usize::from(u16::MAX) {
             let mut t = vec![u16::MAX; max as usize + 1];
@@ -276,6 +282,7 @@ fn plan_message(
                 field: fd,
                 json_key,
                 shape,
+                wires: 0,
             });
         }
     }

@@ -53,9 +53,33 @@ impl Occ {
 #[derive(Debug, Default)]
 struct Scratch {
     levels: Vec<Vec<Occ>>,
+    maps: Vec<MapBufs>,
+}
+
+/// The buffers of one map being written: per entry, its key occurrence and the range of its
+/// value occurrences in `values`, and whether it is the last entry with its key.
+#[derive(Debug, Default)]
+struct MapBufs {
+    entries: Vec<(Option<Occ>, std::ops::Range<usize>)>,
+    values: Vec<Occ>,
+    last: Vec<bool>,
 }
 
 impl Scratch {
+    fn take_map(&mut self, depth: usize) -> MapBufs {
+        if self.maps.len() <= depth {
+            self.maps.resize_with(depth + 1, MapBufs::default);
+        }
+        std::mem::take(&mut self.maps[depth])
+    }
+
+    fn put_map(&mut self, depth: usize, mut m: MapBufs) {
+        m.entries.clear();
+        m.values.clear();
+        m.last.clear();
+        self.maps[depth] = m;
+    }
+
     fn take(&mut self, depth: usize) -> Vec<Occ> {
         if self.levels.len() <= depth {
             self.levels.resize_with(depth + 1, Vec::new);
@@ -227,6 +251,13 @@ fn scalar_wire(kind: &Kind) -> u8 {
     }
 }
 
+/// The wire types whose occurrences belong to field `f`, as a bit set (see [`FieldPlan::wires`]).
+pub(crate) fn accepted_wires(f: &FieldPlan) -> u8 {
+    (0..8u8)
+        .filter(|&w| fits(f, w))
+        .fold(0, |m, w| m | (1 << w))
+}
+
 /// Whether an occurrence with wire type `wire` belongs to field `f` (else it is unknown).
 fn fits(f: &FieldPlan, wire: u8) -> bool {
     match &f.shape {
@@ -258,9 +289,28 @@ fn index(
         let mut pos = part.start as usize;
         while pos < slice.len() {
             let (number, wire) = read_key(slice, &mut pos)?;
-            let (start, end) = skip_value(slice, &mut pos, number, wire, depth)?;
+            // The common wire types inline; fixed-width values and groups out of line.
+            let (start, end) = match wire {
+                VARINT => {
+                    let s = pos;
+                    read_varint(slice, &mut pos)?;
+                    (s, pos)
+                }
+                LEN => {
+                    let len = read_varint(slice, &mut pos)?;
+                    if len > (slice.len() - pos) as u64 {
+                        return Err(invalid(format!(
+                            "field {number}: length {len} past the end of the message"
+                        )));
+                    }
+                    let s = pos;
+                    pos += len as usize;
+                    (s, pos)
+                }
+                _ => skip_value(slice, &mut pos, number, wire, depth)?,
+            };
             if let Some(i) = plan.position(number)
-                && fits(&plan.fields[i], wire)
+                && plan.fields[i].wires & (1 << wire) != 0
             {
                 sorted &= i as u32 >= last;
                 last = i as u32;
@@ -293,10 +343,17 @@ fn write_fields(
 ) -> Result<(), DecodeError> {
     let mut occs = scratch.take(depth);
     let r = index(plan, buf, parts, depth, &mut occs).and_then(|()| {
-        // The last occurrence among the members of each oneof wins.
-        let mut winners: Vec<(u32, u32)> = Vec::new();
+        // The last occurrence among the members of each oneof wins: (seq, position) per oneof,
+        // on the stack for the usual few oneofs.
+        let mut few = [(0u32, u32::MAX); 8];
+        let mut many = Vec::new();
+        let winners: &mut [(u32, u32)] = if plan.oneofs <= few.len() {
+            &mut few[..plan.oneofs]
+        } else {
+            many.resize(plan.oneofs, (0, u32::MAX));
+            &mut many
+        };
         if plan.oneofs > 0 {
-            winners.resize(plan.oneofs, (0, u32::MAX));
             for o in occs.iter() {
                 if let Some(k) = plan.fields[o.pos as usize].oneof
                     && (winners[k].1 == u32::MAX || o.seq >= winners[k].0)
@@ -495,15 +552,33 @@ fn write_map(
     depth: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), DecodeError> {
-    // (key occurrence, value occurrences' range in `values`)
-    let mut parsed: Vec<(Option<Occ>, std::ops::Range<usize>)> = Vec::with_capacity(entries.len());
-    let mut values: Vec<Occ> = Vec::new();
+    let mut m = scratch.take_map(depth);
+    let r = write_map_with(key, value, buf, entries, &mut m, scratch, depth, out);
+    scratch.put_map(depth, m);
+    r
+}
+
+/// Above this many entries, duplicate keys are found with a hash map instead of by comparing
+/// every pair (which would make a hostile map of a million entries quadratic).
+const MAP_PAIRWISE_MAX: usize = 16;
+
+#[allow(clippy::too_many_arguments)]
+fn write_map_with(
+    key: &Kind,
+    value: Option<&Shape>,
+    buf: &[u8],
+    entries: &[Occ],
+    m: &mut MapBufs,
+    scratch: &mut Scratch,
+    depth: usize,
+    out: &mut Vec<u8>,
+) -> Result<(), DecodeError> {
     let key_wire = scalar_wire(key);
     for e in entries {
         let slice = &buf[..e.end as usize];
         let mut pos = e.start as usize;
         let mut k = None;
-        let vstart = values.len();
+        let vstart = m.values.len();
         while pos < slice.len() {
             let (number, wire) = read_key(slice, &mut pos)?;
             let (s, t) = skip_value(slice, &mut pos, number, wire, depth)?;
@@ -519,37 +594,57 @@ fn write_map(
                 2 if value.is_some_and(|v| value_fits(v, wire)) => {
                     // Scalars: last wins; messages: occurrences merge.
                     if matches!(value, Some(Shape::Scalar(_) | Shape::Enum(_))) {
-                        values.truncate(vstart);
+                        m.values.truncate(vstart);
                     }
-                    values.push(occ);
+                    m.values.push(occ);
                 }
                 _ => {}
             }
         }
-        parsed.push((k, vstart..values.len()));
+        m.entries.push((k, vstart..m.values.len()));
     }
-    let keys: Vec<MapKey<'_>> = parsed
-        .iter()
-        .map(|(k, _)| map_key(key, *k, buf))
-        .collect::<Result<_, _>>()?;
+    // Of entries with equal keys, the last one wins.
+    let n = m.entries.len();
+    if n <= MAP_PAIRWISE_MAX {
+        for i in 0..n {
+            let ki = map_key(key, m.entries[i].0, buf)?;
+            let mut later = false;
+            for j in i + 1..n {
+                if map_key(key, m.entries[j].0, buf)? == ki {
+                    later = true;
+                    break;
+                }
+            }
+            m.last.push(!later);
+        }
+    } else {
+        let mut last_of = std::collections::HashMap::with_capacity(n);
+        for (i, (k, _)) in m.entries.iter().enumerate() {
+            last_of.insert(map_key(key, *k, buf)?, i);
+        }
+        for (i, (k, _)) in m.entries.iter().enumerate() {
+            m.last
+                .push(last_of.get(&map_key(key, *k, buf)?) == Some(&i));
+        }
+    }
     out.push(b'[');
-    let mut n = 0;
-    for (i, (k, vr)) in parsed.iter().enumerate() {
-        if keys[i + 1..].contains(&keys[i]) {
+    let mut written = 0;
+    for (i, (k, vr)) in m.entries.iter().enumerate() {
+        if !m.last[i] {
             continue; // a later entry has this key
         }
-        if n > 0 {
+        if written > 0 {
             out.push(b',');
         }
-        n += 1;
+        written += 1;
         out.extend_from_slice(b"{\"key\":");
         match k {
-            Some(o) => write_scalar(&Shape::Scalar(key.clone()), o.wire, o.bytes(buf), out)?,
+            Some(o) => write_scalar_kind(key, o.wire, o.bytes(buf), out)?,
             None => out.extend_from_slice(kind_default_json(key)),
         }
         if let Some(v) = value {
             out.extend_from_slice(b",\"value\":");
-            let vs = &values[vr.clone()];
+            let vs = &m.values[vr.clone()];
             match v {
                 Shape::Scalar(vk) => match vs.last() {
                     Some(o) => write_scalar(v, o.wire, o.bytes(buf), out)?,
@@ -717,11 +812,20 @@ fn write_scalar(shape: &Shape, wire: u8, b: &[u8], out: &mut Vec<u8>) -> Result<
             ));
         }
     };
+    write_scalar_kind(kind, wire, b, out)
+}
+
+/// Writes a non-enum scalar of type `kind`.
+fn write_scalar_kind(
+    kind: &Kind,
+    wire: u8,
+    b: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), DecodeError> {
     match kind {
         Kind::String => {
-            let s =
-                std::str::from_utf8(b).map_err(|_| invalid("invalid UTF-8 in a string field"))?;
-            push_str(out, s);
+            logflow_core::json::push_utf8(out, b)
+                .map_err(|_| invalid("invalid UTF-8 in a string field"))?;
         }
         Kind::Bytes => {
             out.push(b'"');
@@ -1053,6 +1157,38 @@ mod tests {
             v["mi"],
             serde_json::json!([{"key": "1", "value": "vb"}, {"key": "3", "value": "vc"}])
         );
+    }
+
+    #[test]
+    fn a_huge_map_keeps_the_last_duplicate_without_quadratic_work() {
+        let enc = rich();
+        // 200,000 entries of mi (field 28) cycling over 1,000 keys: comparing every pair would
+        // take ~10^10 steps; the hash path is linear. The last value of each key wins.
+        let mut payload = Vec::new();
+        for i in 0..200_000u32 {
+            let k = i % 1000;
+            let mut entry = vec![0x08];
+            let mut v = k;
+            while v >= 0x80 {
+                entry.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            entry.push(v as u8);
+            let val = (i / 1000).to_string();
+            entry.push(0x12);
+            entry.push(val.len() as u8);
+            entry.extend_from_slice(val.as_bytes());
+            payload.extend([0xe2, 0x01, entry.len() as u8]);
+            payload.extend(entry);
+        }
+        let v = row(&enc, &payload).unwrap();
+        let mi = v["mi"].as_array().unwrap();
+        assert_eq!(mi.len(), 1000);
+        // Wire order of the last occurrences: keys 0..1000, all from the last round (199).
+        for (k, e) in mi.iter().enumerate() {
+            assert_eq!(e["key"], k.to_string());
+            assert_eq!(e["value"], "199");
+        }
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! Decode + insertAll row JSON for the sample log mix (HTTP access logs, payment events, auth
-//! events), through the wire transcoder and through the DynamicMessage reference.
+//! events), through the wire transcoder, through the DynamicMessage reference, and through
+//! prost-generated structs + serde_json (the ceiling: see `ceiling/mod.rs`).
 //! Throughput is in bytes of protobuf input.
+
+mod ceiling;
 
 use std::path::Path;
 
@@ -29,6 +32,46 @@ fn mix() -> Vec<(RowEncoder, Vec<Vec<u8>>)> {
     })
     .collect()
 }
+
+/// The ceiling's row: the message through serde_json, then the metadata columns.
+fn ceiling_row<M: prost::Message + Default + serde::Serialize>(
+    meta: &RowMeta,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) {
+    use logflow_core::json::push_str;
+    use logflow_core::time::push_rfc3339_micros;
+    let m = M::decode(payload).expect("valid");
+    serde_json::to_writer(&mut *out, &m).expect("serialisable");
+    out.pop(); // the closing brace
+    out.extend_from_slice(b",\"_message_id\":");
+    push_str(out, meta.message_id);
+    out.extend_from_slice(b",\"_publish_time\":\"");
+    push_rfc3339_micros(out, meta.publish_time_micros);
+    out.extend_from_slice(b"\",\"_attributes\":[");
+    for (i, (k, v)) in meta.attributes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"key\":");
+        push_str(out, k);
+        out.extend_from_slice(b",\"value\":");
+        push_str(out, v);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"],\"_subscription\":");
+    push_str(out, meta.subscription);
+    out.extend_from_slice(b",\"_ingest_time\":\"");
+    push_rfc3339_micros(out, meta.ingest_time_micros);
+    out.extend_from_slice(b"\"}");
+}
+
+type CeilingFn = fn(&RowMeta, &[u8], &mut Vec<u8>);
+const CEILING: [CeilingFn; 3] = [
+    ceiling_row::<ceiling::acme::http::v1::HttpAccessLog>,
+    ceiling_row::<ceiling::acme::payments::v1::PaymentEvent>,
+    ceiling_row::<ceiling::acme::auth::v1::AuthEvent>,
+];
 
 fn bench(c: &mut Criterion) {
     let mix = mix();
@@ -61,6 +104,17 @@ fn bench(c: &mut Criterion) {
             for (enc, payloads) in &mix {
                 for p in payloads {
                     enc.encode_dynamic(&meta, p, &mut out).expect("valid");
+                }
+            }
+            out.len()
+        })
+    });
+    g.bench_function("prost_serde_ceiling", |b| {
+        b.iter(|| {
+            out.clear();
+            for ((_, payloads), row) in mix.iter().zip(CEILING) {
+                for p in payloads {
+                    row(&meta, p, &mut out);
                 }
             }
             out.len()

@@ -84,6 +84,18 @@ const MAP_KEYS: &[&str] = &[
     "velocity",
 ];
 
+const HEADER_NAMES: &[&str] = &[
+    "accept",
+    "accept-language",
+    "accept-encoding",
+    "referer",
+    "cookie",
+    "x-forwarded-for",
+    "x-request-id",
+    "content-type",
+];
+const DEVICE_KEYS: &[&str] = &["os", "browser", "model", "locale", "app_version"];
+
 impl SampleGen {
     /// A generator seeded with `seed`, with timestamps around `now_secs`.
     pub fn new(seed: u64, now_secs: i64) -> Self {
@@ -209,12 +221,23 @@ impl SampleGen {
         if f.is_map() {
             let entry = f.kind().as_message()?.clone();
             let (kf, vf) = (entry.map_entry_key_field(), entry.map_entry_value_field());
-            let n = self.rng.random_range(1..=3);
+            // Request headers are the bulk of a real access log; other maps are short.
+            let (keys, n) = match f.name() {
+                "headers" => (HEADER_NAMES, self.rng.random_range(5..=HEADER_NAMES.len())),
+                "device" => (DEVICE_KEYS, self.rng.random_range(3..=DEVICE_KEYS.len())),
+                _ => (MAP_KEYS, self.rng.random_range(2..=4)),
+            };
             let mut map = std::collections::HashMap::new();
             for _ in 0..n {
                 let key = match self.single(&kf, depth + 1)? {
                     Value::String(s) => {
-                        MapKey::String(MAP_KEYS.choose(&mut self.rng).map_or(s, |k| k.to_string()))
+                        let k = keys.choose(&mut self.rng).map_or(s, |k| k.to_string());
+                        if vf.kind() == Kind::String {
+                            let v = self.string_for(&k);
+                            map.insert(MapKey::String(k), Value::String(v));
+                            continue;
+                        }
+                        MapKey::String(k)
                     }
                     Value::I32(v) => MapKey::I32(v),
                     Value::I64(v) => MapKey::I64(v),
@@ -305,7 +328,72 @@ impl SampleGen {
             "version" => format!("v1.{}.{}", r.random_range(0..20), r.random_range(0..10)),
             "instance" => format!("{}-{}", pick(r, SERVICES), hex(r, 5)),
             "protocol" => pick(r, &["HTTP/1.1", "HTTP/2", "HTTP/3"]),
-            "query" => format!("page={}&limit=50", r.random_range(1..20)),
+            "query" => format!(
+                "q={}+{}&page={}&limit=50&sort=-created_at&utm_source={}&utm_campaign={}-{}",
+                pick(r, WORDS),
+                pick(r, WORDS),
+                r.random_range(1..20),
+                pick(r, &["newsletter", "google", "partner"]),
+                pick(r, WORDS),
+                r.random_range(2024..2027)
+            ),
+            "accept" => pick(
+                r,
+                &[
+                    "application/json, text/plain, */*",
+                    "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8",
+                ],
+            ),
+            "accept-language" => pick(
+                r,
+                &[
+                    "en-US,en;q=0.9",
+                    "de-DE,de;q=0.9,en;q=0.8",
+                    "fr-FR,fr;q=0.9",
+                ],
+            ),
+            "accept-encoding" => "gzip, deflate, br, zstd".to_string(),
+            "referer" => format!(
+                "https://shop.example.com{}?ref={}",
+                pick(r, PATHS),
+                hex(r, 8)
+            ),
+            "cookie" => format!(
+                "session={}; cart={}; consent=analytics:1,ads:0",
+                hex(r, 48),
+                hex(r, 16)
+            ),
+            "x-forwarded-for" => format!(
+                "{}.{}.{}.{}, 10.{}.0.{}",
+                r.random_range(1..224),
+                r.random_range(0..255),
+                r.random_range(0..255),
+                r.random_range(1..255),
+                r.random_range(0..255),
+                r.random_range(1..255)
+            ),
+            "x-request-id" => format!(
+                "{}-{}-4{}-a{}-{}",
+                hex(r, 8),
+                hex(r, 4),
+                hex(r, 3),
+                hex(r, 3),
+                hex(r, 12)
+            ),
+            "content-type" => pick(
+                r,
+                &["application/json", "application/x-www-form-urlencoded"],
+            ),
+            "os" => pick(r, &["iOS 18.1", "Android 15", "Windows 11", "macOS 15.1"]),
+            "browser" => pick(r, &["Safari 18", "Chrome 131", "Firefox 133"]),
+            "model" => pick(r, &["iPhone16,2", "Pixel 9", "SM-S928B", "MacBookPro18,3"]),
+            "locale" => pick(r, &["en_US", "de_DE", "fr_FR", "ja_JP"]),
+            "app_version" => format!(
+                "{}.{}.{}",
+                r.random_range(3..6),
+                r.random_range(0..30),
+                r.random_range(0..9)
+            ),
             "currency" => pick(r, &["EUR", "USD", "GBP", "JPY"]),
             "brand" => pick(r, &["visa", "mastercard", "amex"]),
             "last4" => format!("{:04}", r.random_range(0..10_000)),
