@@ -50,10 +50,7 @@ pub fn push_str(out: &mut Vec<u8>, s: &str) {
 /// with nothing to escape) costs one vectorised pass and a copy, instead of a UTF-8 validation
 /// pass plus an escaping pass.
 pub fn push_utf8(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), std::str::Utf8Error> {
-    let special = bytes.iter().fold(false, |acc, &b| {
-        acc | (b < 0x20) | (b == b'"') | (b == b'\\') | (b >= 0x80)
-    });
-    if special {
+    if has_special(bytes) {
         push_str(out, std::str::from_utf8(bytes)?);
     } else {
         out.reserve(bytes.len() + 2);
@@ -62,6 +59,36 @@ pub fn push_utf8(out: &mut Vec<u8>, bytes: &[u8]) -> Result<(), std::str::Utf8Er
         out.push(b'"');
     }
     Ok(())
+}
+
+/// Whether `bytes` hold a byte that is not plain printable ASCII for JSON: a control
+/// character, `"`, `\\`, or a byte of a multi-byte UTF-8 sequence. Eight bytes at a time
+/// (strings in logs are mostly short, too short for the compiler's vector loop to engage).
+fn has_special(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // The high bit of a byte of the result is set where that byte is special; borrows may set
+    // it in bytes above a special one too, which does not change "any".
+    let word = |x: u64| {
+        let below_space = x.wrapping_sub(ONES * 0x20);
+        let q = x ^ (ONES * u64::from(b'"'));
+        let quote = q.wrapping_sub(ONES) & !q;
+        let b = x ^ (ONES * u64::from(b'\\'));
+        let backslash = b.wrapping_sub(ONES) & !b;
+        ((below_space & !x) | quote | backslash | x) & HIGH
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    let mut acc = 0;
+    for c in &mut chunks {
+        acc |= word(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut last = [b'a'; 8];
+        last[..rest.len()].copy_from_slice(rest);
+        acc |= word(u64::from_le_bytes(last));
+    }
+    acc != 0
 }
 
 #[cfg(test)]
@@ -73,6 +100,47 @@ mod tests {
         let mut out = Vec::new();
         push_str(&mut out, "q\"\\\u{7}é");
         assert_eq!(String::from_utf8(out).unwrap(), r#""q\"\\\u0007é""#);
+    }
+
+    #[test]
+    fn special_bytes_are_found_anywhere() {
+        let reference = |b: &[u8]| {
+            b.iter()
+                .any(|&c| c < 0x20 || c == b'"' || c == b'\\' || c >= 0x80)
+        };
+        // Every byte value at every position of strings of 0..=20 bytes.
+        for len in 0..=20usize {
+            for at in 0..len {
+                for v in 0..=255u8 {
+                    let mut s = vec![b'x'; len];
+                    s[at] = v;
+                    assert_eq!(has_special(&s), reference(&s), "{s:?}");
+                }
+            }
+        }
+        assert!(!has_special(b""));
+        // Mixed strings from an alphabet of neighbours of the special bytes (a tiny LCG, so the
+        // test needs no dependency).
+        let alphabet = [
+            0x00, 0x1f, 0x20, 0x21, b'"', 0x23, b'[', b'\\', b']', 0x7f, 0x80, 0xff, b'a',
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            let len = (seed >> 59) as usize;
+            let s: Vec<u8> = (0..len)
+                .map(|i| {
+                    let r = seed.rotate_left(i as u32 * 7) ^ (i as u64 * 0x5851_f42d);
+                    // Mostly plain letters, sometimes a special neighbour.
+                    if r % 5 == 0 {
+                        alphabet[(r >> 8) as usize % alphabet.len()]
+                    } else {
+                        b'a' + (r % 26) as u8
+                    }
+                })
+                .collect();
+            assert_eq!(has_special(&s), reference(&s), "{s:?}");
+        }
     }
 
     #[test]
