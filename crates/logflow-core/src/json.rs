@@ -132,7 +132,7 @@ mod tests {
                 .map(|i| {
                     let r = seed.rotate_left(i as u32 * 7) ^ (i as u64 * 0x5851_f42d);
                     // Mostly plain letters, sometimes a special neighbour.
-                    if r % 5 == 0 {
+                    if r.is_multiple_of(5) {
                         alphabet[(r >> 8) as usize % alphabet.len()]
                     } else {
                         b'a' + (r % 26) as u8
