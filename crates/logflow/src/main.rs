@@ -442,6 +442,7 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
     if endpoints.any_emulated() {
         info!(?endpoints, "using emulators");
     }
+    let mut signals = Signals::new();
     let clients = worker::Clients::connect(&cfg, &endpoints).await?;
     let shutdown = CancellationToken::new();
     let admin_listen = cfg.admin_listen.clone();
@@ -453,7 +454,7 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
     logflow::admin::serve(&admin_listen, Arc::clone(&admin)).await?;
     tokio::select! {
         r = &mut running.done => return finish(r),
-        s = signal() => info!(signal = s, "shutting down: stop pulling, flush, ack"),
+        s = signals.next() => info!(signal = s, "shutting down: stop pulling, flush, ack"),
     }
     // Not ready from the first signal on, so Kubernetes stops routing to this pod.
     admin
@@ -466,7 +467,7 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
             error!(grace = ?grace, "shutdown grace exceeded; unacked messages will be redelivered");
             Ok(ExitCode::FAILURE)
         }
-        s = signal() => {
+        s = signals.next() => {
             warn!(signal = s, "second signal: exiting now; unacked messages will be redelivered");
             Ok(ExitCode::from(130))
         }
@@ -479,18 +480,31 @@ fn finish(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on SIGTERM or SIGINT, with the signal's name.
-async fn signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers, never resolve: the worker runs until killed.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, listened to from start-up on, so that no signal is missed between the
+/// first and the second.
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT, with the signal's name. Without handlers it never
+    /// resolves: the worker then runs until killed.
+    async fn next(&mut self) -> &'static str {
+        let (Some(term), Some(int)) = (self.term.as_mut(), self.int.as_mut()) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     }
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use logflow::worker::{self, Clients};
 use logflow_core::Stats;
 use logflow_gcs::{archive, deadletter};
+use logflow_integration_tests::proxy::Fault;
 use logflow_integration_tests::{Emulators, unique};
 use tokio_util::sync::CancellationToken;
 
@@ -192,6 +193,7 @@ fn logflow_binary() -> PathBuf {
 fn spawn_worker(
     yaml: &str,
     worker_id: &str,
+    env: &[(&str, &str)],
 ) -> (
     std::process::Child,
     std::thread::JoinHandle<Vec<String>>,
@@ -206,6 +208,7 @@ fn spawn_worker(
         .arg(&path)
         .env("LOGFLOW_WORKER_ID", worker_id)
         .env("LOGFLOW_LOG", "info")
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -271,7 +274,7 @@ async fn sigterm_flushes_acks_and_exits_zero_leaving_nothing_durable_unacked() {
     let cfg = load_config(&yaml);
     let worker_id = unique("sigterm");
     // The real binary, as Kubernetes runs it.
-    let (mut child, log, admin) = spawn_worker(&yaml, &worker_id);
+    let (mut child, log, admin) = spawn_worker(&yaml, &worker_id, &[]);
     let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
     wait_first_archive(&s, &clients).await;
     let (status, ready) = admin_get(&admin, "/readyz").await;
@@ -428,7 +431,7 @@ async fn kill_9_mid_run_loses_nothing() {
     let yaml = config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream]);
     let cfg = load_config(&yaml);
     let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
-    let (mut child, log, _admin) = spawn_worker(&yaml, &unique("killed"));
+    let (mut child, log, _admin) = spawn_worker(&yaml, &unique("killed"), &[]);
     wait_first_archive(&s, &clients).await;
     let pid = child.id().to_string();
     assert!(
@@ -451,4 +454,79 @@ async fn kill_9_mid_run_loses_nothing() {
     second.done.await.unwrap().unwrap();
     let dups = assert_complete(&s, &clients).await;
     eprintln!("kill -9: nothing lost; {dups} messages archived twice (redelivered after the kill)");
+}
+
+/// A shutdown stuck on a sink (BigQuery stops answering) ends at the second signal: the worker
+/// exits at once with 130 and acks nothing more; what it held is redelivered to the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_forces_exit_and_the_next_worker_gets_the_rest() {
+    let s = setup(2_000, 41).await;
+    let bq = logflow_integration_tests::proxy::FaultProxy::start(
+        s.emu.endpoints.bigquery.as_deref().unwrap(),
+    )
+    .await
+    .unwrap();
+    // A grace far longer than the test waits: only the second signal can end the shutdown.
+    let yaml = config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream])
+        .replace("shutdown_grace: 20s", "shutdown_grace: 10m");
+    let cfg = load_config(&yaml);
+    let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
+    let (mut child, log, admin) = spawn_worker(
+        &yaml,
+        &unique("forced"),
+        &[("BIGQUERY_EMULATOR_HOST", &bq.endpoint())],
+    );
+    wait_first_archive(&s, &clients).await;
+    bq.set(Fault::Hang);
+    let pid = child.id().to_string();
+    let term = || {
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    term();
+    // The first signal is taken once the worker reports itself not ready.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !admin_get(&admin, "/readyz").await.0.contains("503") {
+        assert!(Instant::now() < deadline, "/readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the shutdown is stuck on BigQuery"
+    );
+    term();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no exit after the second signal");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let lines = log.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{}", lines.join("\n"));
+    assert!(
+        lines.iter().any(|l| l.contains("second signal")),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("panicked")),
+        "{}",
+        lines.join("\n")
+    );
+    // Nothing is lost: a worker with a working BigQuery drains the rest.
+    let shutdown = CancellationToken::new();
+    let next = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    wait_complete(&s, &clients).await;
+    shutdown.cancel();
+    next.done.await.unwrap().unwrap();
+    assert_complete(&s, &clients).await;
+    assert!(bq.counts.faulted.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }
