@@ -1,6 +1,7 @@
-//! Per-pipeline counters. Stages add once per batch; tests and the shutdown path wait on them.
+//! Per-pipeline counters and latency histograms. Stages add once per batch; tests and the
+//! shutdown path wait on them. Waking waiters costs nothing while nobody waits.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
 
 use tokio::sync::Notify;
 
@@ -27,7 +28,88 @@ pub struct Stats {
     pub outstanding: AtomicU64,
     /// The most messages held at once since start.
     pub peak_outstanding: AtomicU64,
+    /// Payload and attribute bytes held now: bounded by flow control.
+    pub outstanding_bytes: AtomicU64,
+    /// StreamingPull streams re-opened (after an error, an end, or the idle watchdog).
+    pub stream_reopens: AtomicU64,
+    /// Messages received again (delivery attempt above 1; Pub/Sub counts attempts only on
+    /// subscriptions with a dead-letter policy).
+    pub redelivered: AtomicU64,
+    /// Messages decided after their maximum lease: no longer leased by then, so Pub/Sub has
+    /// probably delivered them again.
+    pub lease_expired: AtomicU64,
+    /// Publish → ack time of acked messages.
+    pub ack_lag: Histogram,
+    /// Time to write one raw-archive object, retries included.
+    pub archive_flush: Histogram,
+    /// Time of one insertAll batch, retries included.
+    pub insert_flush: Histogram,
+    /// Time to write one dead-letter object, retries included.
+    pub dead_letter_flush: Histogram,
+    waiters: AtomicUsize,
     changed: Notify,
+}
+
+/// Upper bounds (seconds) of the histogram buckets: from 10 ms to 10 min, covering a batch
+/// write as well as a publish-to-ack lag behind a 60 s archive batch.
+pub const BUCKETS_SECONDS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0,
+];
+
+/// A fixed-bucket latency histogram (Prometheus style), updated with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Non-cumulative counts per bucket of [`BUCKETS_SECONDS`], plus one for larger values.
+    buckets: [AtomicU64; BUCKETS_SECONDS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+/// A histogram read at one instant: cumulative counts per bucket bound, and the sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound in seconds, observations at or below it)`, the last bound infinite.
+    pub cumulative: Vec<(f64, u64)>,
+    /// Sum of the observations, in seconds.
+    pub sum_seconds: f64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl Histogram {
+    /// Records one observation of `micros` microseconds (negative values count as 0).
+    pub fn observe_micros(&self, micros: i64) {
+        let micros = micros.max(0) as u64;
+        let seconds = micros as f64 / 1e6;
+        let i = BUCKETS_SECONDS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(BUCKETS_SECONDS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Records the time since `start`.
+    pub fn observe_since(&self, start: std::time::Instant) {
+        self.observe_micros(start.elapsed().as_micros().min(i64::MAX as u128) as i64);
+    }
+
+    /// Reads the histogram.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let mut cumulative = Vec::with_capacity(self.buckets.len());
+        for (i, b) in self.buckets.iter().enumerate() {
+            total += b.load(Ordering::Relaxed);
+            cumulative.push((
+                BUCKETS_SECONDS.get(i).copied().unwrap_or(f64::INFINITY),
+                total,
+            ));
+        }
+        HistogramSnapshot {
+            cumulative,
+            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            count: total,
+        }
+    }
 }
 
 /// A copy of the counters at one instant.
@@ -53,6 +135,14 @@ pub struct Snapshot {
     pub outstanding: u64,
     /// See [`Stats::peak_outstanding`].
     pub peak_outstanding: u64,
+    /// See [`Stats::outstanding_bytes`].
+    pub outstanding_bytes: u64,
+    /// See [`Stats::stream_reopens`].
+    pub stream_reopens: u64,
+    /// See [`Stats::redelivered`].
+    pub redelivered: u64,
+    /// See [`Stats::lease_expired`].
+    pub lease_expired: u64,
 }
 
 impl Stats {
@@ -60,19 +150,26 @@ impl Stats {
     pub fn add(&self, counter: &AtomicU64, n: u64) {
         if n > 0 {
             counter.fetch_add(n, Ordering::Relaxed);
-            self.changed.notify_waiters();
+            // Pairs with the fence in `wait_for`: either the waiter's snapshot sees this change,
+            // or this sees the waiter and wakes it. Without waiters, no lock is taken.
+            fence(Ordering::SeqCst);
+            if self.waiters.load(Ordering::Relaxed) > 0 {
+                self.changed.notify_waiters();
+            }
         }
     }
 
-    /// A message is now held (received, undecided).
-    pub fn hold(&self) {
+    /// A message of `bytes` is now held (received, undecided).
+    pub fn hold(&self, bytes: u64) {
         let now = self.outstanding.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak_outstanding.fetch_max(now, Ordering::Relaxed);
+        self.outstanding_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// A held message was acked or nacked.
-    pub fn release(&self) {
+    /// A held message of `bytes` was acked or nacked.
+    pub fn release(&self, bytes: u64) {
         self.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.outstanding_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// Reads every counter.
@@ -89,15 +186,29 @@ impl Stats {
             retries: r(&self.retries),
             outstanding: r(&self.outstanding),
             peak_outstanding: r(&self.peak_outstanding),
+            outstanding_bytes: r(&self.outstanding_bytes),
+            stream_reopens: r(&self.stream_reopens),
+            redelivered: r(&self.redelivered),
+            lease_expired: r(&self.lease_expired),
         }
     }
 
     /// Resolves once `done` holds for the counters; re-checked on every change.
     pub async fn wait_for(&self, mut done: impl FnMut(&Snapshot) -> bool) -> Snapshot {
+        struct Registered<'a>(&'a AtomicUsize);
+        impl Drop for Registered<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        let _registered = Registered(&self.waiters);
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            // Pairs with the fence in `add` (see there).
+            fence(Ordering::SeqCst);
             let s = self.snapshot();
             if done(&s) {
                 return s;
@@ -122,5 +233,44 @@ mod tests {
             stats.add(&stats.acked, 1);
         }
         assert_eq!(waiter.await.unwrap().acked, 3);
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_an_infinite_last() {
+        let h = Histogram::default();
+        for micros in [5_000, 10_000, 10_001, 2_000_000, 900_000_000, -3] {
+            h.observe_micros(micros);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 6);
+        assert_eq!(s.cumulative[0], (0.01, 3)); // -3 (as 0), 5 ms, 10 ms
+        assert_eq!(s.cumulative[1], (0.025, 4));
+        let at = |le: f64| s.cumulative.iter().find(|(b, _)| *b == le).unwrap().1;
+        assert_eq!(at(2.5), 5);
+        assert_eq!(at(600.0), 5);
+        assert_eq!(s.cumulative.last().unwrap(), &(f64::INFINITY, 6));
+        assert!(
+            (s.sum_seconds - 902.025_001).abs() < 1e-6,
+            "{}",
+            s.sum_seconds
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_wake_up_is_lost_between_threads() {
+        // Many short waits racing with adds from another thread: each must end.
+        let stats = Arc::new(Stats::default());
+        for round in 1..=2_000u64 {
+            let s2 = Arc::clone(&stats);
+            let adder = std::thread::spawn(move || s2.add(&s2.acked, 1));
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                stats.wait_for(|s| s.acked >= round),
+            )
+            .await
+            .expect("woken");
+            adder.join().unwrap();
+        }
+        assert_eq!(stats.waiters.load(Ordering::Relaxed), 0);
     }
 }

@@ -1,7 +1,7 @@
 //! The source task: pull, bound, fan out to the pipeline's branches.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_pubsub::client::Subscriber;
@@ -46,6 +46,10 @@ pub struct SourceOptions {
     pub lease_extension: Duration,
     /// A message is held at most this long, after which its lease is no longer extended.
     pub max_lease: Duration,
+    /// A stream that delivers nothing for this long is re-opened (the stall watchdog): a
+    /// stream that hangs without an error must not stop the worker. On a quiet subscription
+    /// this is a cheap reconnect now and then.
+    pub idle_reopen: Duration,
 }
 
 /// Why the source stopped.
@@ -92,18 +96,36 @@ pub struct PubsubSource {
 struct PubsubAck {
     handler: Handler,
     stats: Arc<Stats>,
+    bytes: u64,
+    publish_time_micros: i64,
+    received: Instant,
+    max_lease: Duration,
     _message: OwnedSemaphorePermit,
     _bytes: OwnedSemaphorePermit,
 }
 
+impl PubsubAck {
+    fn decided(&self) {
+        self.stats.release(self.bytes);
+        if self.received.elapsed() > self.max_lease {
+            self.stats.add(&self.stats.lease_expired, 1);
+        }
+    }
+}
+
 impl AckHandle for PubsubAck {
     fn ack(self: Box<Self>) {
-        self.stats.release();
+        self.decided();
+        if self.publish_time_micros > 0 {
+            self.stats
+                .ack_lag
+                .observe_micros(logflow_core::time::now_micros() - self.publish_time_micros);
+        }
         self.stats.add(&self.stats.acked, 1);
         self.handler.ack();
     }
     fn nack(self: Box<Self>) {
-        self.stats.release();
+        self.decided();
         self.stats.add(&self.stats.nacked, 1);
         self.handler.nack();
     }
@@ -198,7 +220,14 @@ impl PubsubSource {
                 };
                 let next = tokio::select! {
                     _ = stop.cancelled() => break 'streams Ok(()),
-                    n = stream.next() => n,
+                    n = tokio::time::timeout(o.idle_reopen, stream.next()) => match n {
+                        Ok(n) => n,
+                        Err(_) => {
+                            stats.add(&stats.stream_reopens, 1);
+                            info!(subscription = %o.subscription, stream = index, idle = ?o.idle_reopen, "no message for a while, re-opening the stream");
+                            continue 'streams;
+                        }
+                    },
                 };
                 let (msg, handler) = match next {
                     Some(Ok(pair)) => pair,
@@ -216,6 +245,7 @@ impl PubsubSource {
                             });
                         }
                         failures += 1;
+                        stats.add(&stats.stream_reopens, 1);
                         let wait = REOPEN_BACKOFF.jittered_backoff(failures);
                         warn!(subscription = %o.subscription, stream = index, error = %e, retry_in = ?wait, "streaming pull failed, re-opening");
                         tokio::select! {
@@ -224,6 +254,7 @@ impl PubsubSource {
                         }
                     }
                     None => {
+                        stats.add(&stats.stream_reopens, 1);
                         warn!(subscription = %o.subscription, stream = index, "streaming pull ended, re-opening");
                         continue 'streams;
                     }
@@ -243,10 +274,17 @@ impl PubsubSource {
                 };
                 let record = Arc::new(to_record(msg, handler.delivery_attempt()));
                 stats.add(&stats.received, 1);
-                stats.hold();
+                if record.delivery_attempt.is_some_and(|a| a > 1) {
+                    stats.add(&stats.redelivered, 1);
+                }
+                stats.hold(size as u64);
                 let ack = PubsubAck {
                     handler,
                     stats: Arc::clone(&stats),
+                    bytes: size as u64,
+                    publish_time_micros: record.publish_time_micros,
+                    received: Instant::now(),
+                    max_lease: o.max_lease,
                     _message: message_permit,
                     _bytes: bytes_permit,
                 };

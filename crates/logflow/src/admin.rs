@@ -99,7 +99,7 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
         .map(|(n, s)| (n.as_str(), s.snapshot()))
         .collect();
     type Get = fn(&logflow_core::stats::Snapshot) -> u64;
-    let metrics: [(&str, &str, &str, Get); 10] = [
+    let metrics: [(&str, &str, &str, Get); 14] = [
         (
             "logflow_source_received_messages_total",
             "counter",
@@ -160,12 +160,79 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
             "Most messages held at once since start.",
             |s| s.peak_outstanding,
         ),
+        (
+            "logflow_source_outstanding_bytes",
+            "gauge",
+            "Payload and attribute bytes held now.",
+            |s| s.outstanding_bytes,
+        ),
+        (
+            "logflow_source_stream_reopens_total",
+            "counter",
+            "StreamingPull streams re-opened (error, end, or idle watchdog).",
+            |s| s.stream_reopens,
+        ),
+        (
+            "logflow_source_redelivered_messages_total",
+            "counter",
+            "Messages with a delivery attempt above 1 (needs a dead-letter policy).",
+            |s| s.redelivered,
+        ),
+        (
+            "logflow_source_lease_expired_messages_total",
+            "counter",
+            "Messages decided after their maximum lease (likely redelivered).",
+            |s| s.lease_expired,
+        ),
     ];
     let mut out = String::new();
     for (name, kind, help, get) in metrics {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for (pipeline, s) in &snaps {
             out.push_str(&format!("{name}{{pipeline=\"{pipeline}\"}} {}\n", get(s)));
+        }
+    }
+    type Hist = fn(&Stats) -> &logflow_core::stats::Histogram;
+    let histograms: [(&str, &str, Hist); 4] = [
+        (
+            "logflow_source_ack_lag_seconds",
+            "Publish to ack time of acked messages.",
+            |s| &s.ack_lag,
+        ),
+        (
+            "logflow_archive_flush_seconds",
+            "Time to write one raw-archive object, retries included.",
+            |s| &s.archive_flush,
+        ),
+        (
+            "logflow_bigquery_insert_seconds",
+            "Time of one insertAll batch, retries included.",
+            |s| &s.insert_flush,
+        ),
+        (
+            "logflow_deadletter_flush_seconds",
+            "Time to write one dead-letter object, retries included.",
+            |s| &s.dead_letter_flush,
+        ),
+    ];
+    for (name, help, get) in histograms {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        for (pipeline, stats) in pipelines {
+            let h = get(stats).snapshot();
+            for (le, n) in &h.cumulative {
+                let le = if le.is_infinite() {
+                    "+Inf".to_string()
+                } else {
+                    le.to_string()
+                };
+                out.push_str(&format!(
+                    "{name}_bucket{{pipeline=\"{pipeline}\",le=\"{le}\"}} {n}\n"
+                ));
+            }
+            out.push_str(&format!(
+                "{name}_sum{{pipeline=\"{pipeline}\"}} {}\n{name}_count{{pipeline=\"{pipeline}\"}} {}\n",
+                h.sum_seconds, h.count
+            ));
         }
     }
     out
@@ -179,7 +246,8 @@ mod tests {
     fn metrics_text_has_one_series_per_pipeline() {
         let a = Arc::new(Stats::default());
         a.add(&a.received, 3);
-        a.hold();
+        a.hold(100);
+        a.ack_lag.observe_micros(1_500_000);
         let text = render_metrics(&[
             ("http".into(), a),
             ("auth".into(), Arc::new(Stats::default())),
@@ -188,6 +256,23 @@ mod tests {
         assert!(text.contains("logflow_source_received_messages_total{pipeline=\"http\"} 3\n"));
         assert!(text.contains("logflow_source_received_messages_total{pipeline=\"auth\"} 0\n"));
         assert!(text.contains("logflow_source_outstanding_messages{pipeline=\"http\"} 1\n"));
+        assert!(text.contains("logflow_source_outstanding_bytes{pipeline=\"http\"} 100\n"));
+        assert!(text.contains("# TYPE logflow_source_ack_lag_seconds histogram"));
+        assert!(
+            text.contains("logflow_source_ack_lag_seconds_bucket{pipeline=\"http\",le=\"1\"} 0\n")
+        );
+        assert!(
+            text.contains(
+                "logflow_source_ack_lag_seconds_bucket{pipeline=\"http\",le=\"2.5\"} 1\n"
+            )
+        );
+        assert!(
+            text.contains(
+                "logflow_source_ack_lag_seconds_bucket{pipeline=\"http\",le=\"+Inf\"} 1\n"
+            )
+        );
+        assert!(text.contains("logflow_source_ack_lag_seconds_sum{pipeline=\"http\"} 1.5\n"));
+        assert!(text.contains("logflow_source_ack_lag_seconds_count{pipeline=\"auth\"} 0\n"));
     }
 
     #[tokio::test]

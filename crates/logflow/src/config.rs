@@ -84,6 +84,11 @@ pub struct PipelineConfig {
     /// Pub/Sub serves about 10 MB/s per stream; the emulator about 2,000 messages/s.
     #[serde(default = "default_streams")]
     pub streams: usize,
+    /// A stream that delivers nothing for this long is re-opened (the stall watchdog), so a
+    /// stream that hangs without an error never needs a restart. On a quiet subscription it
+    /// costs a reconnect per stream per period. At least 1s.
+    #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
 }
 
 /// BigQuery destination of a pipeline.
@@ -184,6 +189,9 @@ impl Default for FlowControlConfig {
 
 fn default_admin_listen() -> String {
     "0.0.0.0:8080".to_string()
+}
+fn default_stream_idle_timeout() -> Duration {
+    Duration::from_secs(120)
 }
 fn default_streams() -> usize {
     2
@@ -328,6 +336,12 @@ impl Config {
                 }
             };
             nonempty("name", &p.name)?;
+            if p.stream_idle_timeout < Duration::from_secs(1) {
+                return Err(format!(
+                    "{at}.stream_idle_timeout: at least 1s (default 2m), got {:?}",
+                    p.stream_idle_timeout
+                ));
+            }
             if p.bigquery.clustering.len() > 4 {
                 return Err(format!(
                     "{at}.bigquery.clustering: BigQuery clusters on at most 4 columns, {} given",

@@ -131,11 +131,13 @@ pub async fn archive_stage(
                 archive::encode(records.iter().map(|r| &**r), &sub)
             })
             .await??;
-            match out
+            let started = std::time::Instant::now();
+            let written = out
                 .gcs
                 .put_new(&out.bucket, &name, file, archive::CONTENT_TYPE, &ctx.stats)
-                .await
-            {
+                .await;
+            ctx.stats.archive_flush.observe_since(started);
+            match written {
                 Ok(()) => {
                     ctx.stats.add(&ctx.stats.archived, n as u64);
                     group.into_iter().for_each(|e| e.ack.complete());
@@ -325,7 +327,9 @@ async fn insert_batch(
             (e.record.message_id.as_str(), row)
         })
         .collect();
+    let started = std::time::Instant::now();
     let result = bq.insert_all(dataset, table, &rows, &ctx.stats).await;
+    ctx.stats.insert_flush.observe_since(started);
     drop(rows);
     let outcome = match result {
         Ok(o) => o,
@@ -385,7 +389,8 @@ pub async fn dead_letter_stage(
                 )
             })
             .await??;
-            match out
+            let started = std::time::Instant::now();
+            let written = out
                 .gcs
                 .put_new(
                     &out.bucket,
@@ -394,8 +399,9 @@ pub async fn dead_letter_stage(
                     deadletter::CONTENT_TYPE,
                     &ctx.stats,
                 )
-                .await
-            {
+                .await;
+            ctx.stats.dead_letter_flush.observe_since(started);
+            match written {
                 Ok(()) => {
                     ctx.stats.add(&ctx.stats.dead_lettered, n as u64);
                     group.into_iter().for_each(|d| d.env.ack.complete());

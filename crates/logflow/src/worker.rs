@@ -220,6 +220,7 @@ pub async fn start(
                 max_outstanding_bytes: p.flow_control.max_outstanding_bytes,
                 lease_extension: p.flow_control.lease_extension,
                 max_lease: p.flow_control.max_lease,
+                idle_reopen: p.stream_idle_timeout,
             },
         );
         let token = shutdown.clone();

@@ -15,7 +15,8 @@ use logflow_integration_tests::{Emulators, unique};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{
-    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, published_stream,
+    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, publish_samples,
+    published_stream,
 };
 
 /// Waits until the workers' acks add up to `total`.
@@ -476,8 +477,10 @@ async fn a_second_signal_forces_exit_and_the_next_worker_gets_the_rest() {
         &unique("forced"),
         &[("BIGQUERY_EMULATOR_HOST", &bq.endpoint())],
     );
-    wait_first_archive(&s, &clients).await;
+    // The worker has prepared its table: from now on BigQuery never answers. Messages still
+    // flow to the archive, but none can be acked.
     bq.set(Fault::Hang);
+    wait_first_archive(&s, &clients).await;
     let pid = child.id().to_string();
     let term = || {
         assert!(
@@ -529,4 +532,56 @@ async fn a_second_signal_forces_exit_and_the_next_worker_gets_the_rest() {
     next.done.await.unwrap().unwrap();
     assert_complete(&s, &clients).await;
     assert!(bq.counts.faulted.load(std::sync::atomic::Ordering::Relaxed) > 0);
+}
+
+/// The stall watchdog: a stream that delivers nothing for `stream_idle_timeout` is re-opened,
+/// and re-opened streams deliver what is published afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_streams_are_reopened_and_keep_delivering() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let topic = unique("idle");
+    let subscription = format!("{topic}-sub");
+    let topic_path = emu
+        .topic_and_subscription(&topic, &subscription)
+        .await
+        .unwrap();
+    let mut stream = Stream {
+        pipeline: "idle".into(),
+        subscription,
+        table: "idle".into(),
+        message_type: "acme.auth.v1.AuthEvent".into(),
+        published: Default::default(),
+    };
+    let yaml = config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
+        "    flow_control:",
+        "    stream_idle_timeout: 1s\n    flow_control:",
+    );
+    let cfg = load_config(&yaml);
+    assert_eq!(cfg.pipelines[0].stream_idle_timeout, Duration::from_secs(1));
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let stats = &running.stats[0].1;
+    // Nothing is published yet: both streams go idle and are re-opened, more than once.
+    tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.stream_reopens >= 4))
+        .await
+        .expect("idle streams re-opened");
+    stream.published = publish_samples(&emu, &topic_path, &stream.message_type, 300, 51).await;
+    let total = stream.published.len() as u64;
+    tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
+        .await
+        .unwrap_or_else(|_| panic!("not all acked after re-opens: {:?}", stats.snapshot()));
+    shutdown.cancel();
+    running.done.await.unwrap().unwrap();
+    let s = Setup {
+        emu,
+        raw,
+        dlq,
+        dataset,
+        stream,
+    };
+    assert_complete(&s, &clients).await;
 }

@@ -304,6 +304,33 @@ async fn every_message_is_archived_and_inserted_or_dead_lettered() {
             "{name}: {snap:?}"
         );
         assert_eq!(snap.dead_lettered, bad, "{name}: {snap:?}");
+        // The counters add up: every received message was decided, nothing is held any more,
+        // and every ack's lag was observed.
+        assert_eq!(snap.received, snap.acked + snap.nacked, "{name}: {snap:?}");
+        assert_eq!(
+            (snap.outstanding, snap.outstanding_bytes),
+            (0, 0),
+            "{name}: {snap:?}"
+        );
+        assert_eq!(stats.ack_lag.snapshot().count, snap.acked, "{name}");
+        assert!(stats.archive_flush.snapshot().count >= 1, "{name}");
+        assert!(stats.insert_flush.snapshot().count >= 1, "{name}");
+    }
+    // And /metrics says the same.
+    let text = logflow::admin::render_metrics(&running.stats);
+    for (name, stats) in &running.stats {
+        let snap = stats.snapshot();
+        for (metric, want) in [
+            ("logflow_source_acked_messages_total", snap.acked),
+            (
+                "logflow_deadletter_written_messages_total",
+                snap.dead_lettered,
+            ),
+            ("logflow_source_ack_lag_seconds_count", snap.acked),
+        ] {
+            let line = format!("{metric}{{pipeline=\"{name}\"}} {want}\n");
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
     }
 }
 
