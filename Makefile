@@ -6,7 +6,7 @@ help:
 	@echo "make test             unit tests, then integration tests on the emulators (started and stopped here)"
 	@echo "make lint             cargo fmt --check, clippy -D warnings, Dockerfile and Kubernetes manifest checks"
 	@echo "make check            lint + test (what CI runs)"
-	@echo "make bench            benchmarks in release mode (see BENCHMARKS.md)"
+	@echo "make bench            micro-benchmarks + end-to-end run on the emulators; rewrites BENCHMARKS.md"
 	@echo "make fuzz             run the fuzz targets for FUZZ_SECONDS each (nightly + cargo-fuzz)"
 	@echo "make build            build everything (debug)"
 	@echo "make emulators-start  start Pub/Sub, GCS and BigQuery emulators on 127.0.0.1 (installs them if needed)"
@@ -25,7 +25,7 @@ demo:
 	scripts/demo.sh
 
 bench:
-	cargo bench -p logflow --bench transcode
+	scripts/bench.sh
 
 # Bounded fuzzing of the transcoder and the config parser. New inputs that find new paths are
 # kept in fuzz/corpus/ (commit the interesting ones: the corpus test replays them in make test).

@@ -3,6 +3,7 @@
 //! Each test makes its own topics, subscriptions, buckets and dataset (unique names), so tests
 //! share the emulators but not their data.
 
+pub mod outputs;
 pub mod proxy;
 
 use std::path::PathBuf;

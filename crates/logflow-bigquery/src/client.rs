@@ -454,9 +454,10 @@ impl BigQuery {
     }
 }
 
-/// Builds an insertAll body from `rows[start..]`, as many rows as fit in `max_bytes` (at least
-/// one). Returns the end index and the body.
-fn build_body(rows: &[(&str, &[u8])], start: usize, max_bytes: usize) -> (usize, Vec<u8>) {
+/// Builds an insertAll body from `rows[start..]` (`(insertId, row JSON)`), as many rows as
+/// fit in `max_bytes` (at least one). Returns the end index and the body. Public for the
+/// benchmarks; [`BigQuery::insert_all`] is the way to send rows.
+pub fn build_body(rows: &[(&str, &[u8])], start: usize, max_bytes: usize) -> (usize, Vec<u8>) {
     const HEAD: &[u8] = b"{\"skipInvalidRows\":true,\"ignoreUnknownValues\":false,\"rows\":[";
     let mut body = Vec::with_capacity(
         HEAD.len()

@@ -21,5 +21,6 @@ mod fake_tests;
 pub use auth::BqAuthenticator;
 pub use client::{
     BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES, InsertOutcome, RowRejection, TableStatus,
+    build_body,
 };
 pub use error::BqError;

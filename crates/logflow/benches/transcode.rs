@@ -5,6 +5,40 @@
 
 mod ceiling;
 
+/// Counts allocations, to report them per message (one relaxed add each).
+struct Counting;
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+// SAFETY: every method delegates to `System` with the caller's arguments unchanged.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: forwarded contract.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: forwarded contract.
+        unsafe { std::alloc::System.realloc(ptr, layout, size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: forwarded contract.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Allocations per message of `run` over `messages` messages (after one warm-up run).
+fn allocations_per_message(messages: usize, mut run: impl FnMut()) -> f64 {
+    run();
+    let before = ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed);
+    run();
+    (ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed) - before) as f64 / messages as f64
+}
+
 use std::path::Path;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -84,9 +118,29 @@ fn bench(c: &mut Criterion) {
         subscription: "projects/p/subscriptions/http-access-logs-logflow",
         ingest_time_micros: 1_795_770_001_000_000,
     };
+    let messages: usize = mix.iter().map(|(_, p)| p.len()).sum();
+    let mut out = Vec::with_capacity(4 << 20);
+    for (name, path) in [
+        ("wire", 0),
+        ("dynamic_message_reference", 1),
+        ("prost_serde_ceiling", 2),
+    ] {
+        let per = allocations_per_message(messages, || {
+            out.clear();
+            for (t, (enc, payloads)) in mix.iter().enumerate() {
+                for p in payloads {
+                    match path {
+                        0 => enc.encode(&meta, p, &mut out).expect("valid"),
+                        1 => enc.encode_dynamic(&meta, p, &mut out).expect("valid"),
+                        _ => CEILING[t](&meta, p, &mut out),
+                    }
+                }
+            }
+        });
+        println!("transcode_sample_mix_3000_msgs/{name}: {per:.2} allocations per message");
+    }
     let mut g = c.benchmark_group("transcode_sample_mix_3000_msgs");
     g.throughput(Throughput::Bytes(bytes as u64));
-    let mut out = Vec::with_capacity(4 << 20);
     g.bench_function("wire", |b| {
         b.iter(|| {
             out.clear();

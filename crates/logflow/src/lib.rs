@@ -17,6 +17,7 @@ pub mod replay;
 pub mod routing;
 pub mod samples;
 pub mod stages;
+pub mod usage;
 pub mod worker;
 
 /// Installs the process-wide TLS crypto provider (the Google crates are built without one).

@@ -13,6 +13,10 @@ use logflow::{inspect, publish, worker};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+#[cfg(feature = "count-allocs")]
+#[global_allocator]
+static ALLOC: logflow::usage::counting::Counting = logflow::usage::counting::Counting;
+
 #[derive(Parser)]
 #[command(
     name = "logflow",
@@ -476,7 +480,14 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
 
 fn finish(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<ExitCode> {
     r.context("worker task")??;
-    info!("worker stopped cleanly");
+    let u = logflow::usage::current();
+    info!(
+        cpu_user_seconds = u.user_seconds,
+        cpu_system_seconds = u.system_seconds,
+        max_rss_bytes = u.max_rss_bytes,
+        allocations = u.allocations,
+        "worker stopped cleanly"
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use logflow::worker::{self, Clients};
 use logflow_core::Stats;
-use logflow_gcs::{archive, deadletter};
 use logflow_integration_tests::proxy::Fault;
-use logflow_integration_tests::{Emulators, unique};
+use logflow_integration_tests::{Emulators, outputs, unique};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{
@@ -43,37 +42,15 @@ async fn archived(
     bucket: &str,
     subscription: &str,
 ) -> Vec<(String, Vec<String>)> {
-    let mut out = Vec::new();
-    for obj in clients
-        .gcs
-        .list(bucket, &format!("raw/{subscription}/"))
+    outputs::archived_ids(&clients.gcs, bucket, &format!("raw/{subscription}/"))
         .await
         .unwrap()
-    {
-        let ids = archive::decode(clients.gcs.get(bucket, &obj.name).await.unwrap())
-            .unwrap()
-            .into_iter()
-            .map(|m| m.record.message_id)
-            .collect();
-        out.push((obj.name, ids));
-    }
-    out
 }
 
 async fn dead_lettered(clients: &Clients, bucket: &str, subscription: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for obj in clients
-        .gcs
-        .list(bucket, &format!("dlq/{subscription}/"))
+    outputs::dead_letter_ids(&clients.gcs, bucket, &format!("dlq/{subscription}/"))
         .await
         .unwrap()
-    {
-        for line in deadletter::decode(&clients.gcs.get(bucket, &obj.name).await.unwrap()).unwrap()
-        {
-            out.insert(line.message_id);
-        }
-    }
-    out
 }
 
 async fn row_ids(clients: &Clients, dataset: &str, table: &str) -> Vec<String> {

@@ -1,0 +1,106 @@
+//! The sinks' CPU work per batch, on the sample log mix: encoding a raw-archive Parquet object
+//! (zstd) and building insertAll request bodies from row JSON. Throughput is in bytes of
+//! protobuf payload.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use logflow::samples::SampleGen;
+use logflow_core::Record;
+use logflow_schema::{Registry, RowEncoder, RowMeta};
+
+const TYPES: [&str; 3] = [
+    "acme.http.v1.HttpAccessLog",
+    "acme.payments.v1.PaymentEvent",
+    "acme.auth.v1.AuthEvent",
+];
+
+/// `n` records of the sample mix, as the source makes them, with their encoders.
+fn records(n: usize) -> Vec<(Arc<Record>, usize)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
+    let registry = Registry::from_proto_dirs(&[dir]).expect("schemas compile");
+    let mut gens: Vec<SampleGen> = (0..3).map(|i| SampleGen::new(i, 1_795_770_000)).collect();
+    (0..n)
+        .map(|i| {
+            let t = i % 3;
+            let md = registry.message(TYPES[t]).expect("type");
+            let payload = gens[t].samples(&md, 1, 0.0).remove(0).payload;
+            let record = Record {
+                message_id: format!("{}", 17_305_629_164_843_762u64 + i as u64),
+                publish_time_micros: 1_795_770_000_000_000 + i as i64 * 1000,
+                attributes: vec![("logflow-type".into(), TYPES[t].into())],
+                ordering_key: String::new(),
+                data: Bytes::from(payload),
+                delivery_attempt: None,
+            };
+            (Arc::new(record), t)
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    // One archive object of the default batch size (25,000 messages).
+    let recs = records(25_000);
+    let bytes: usize = recs.iter().map(|(r, _)| r.data.len()).sum();
+    let sub = "projects/p/subscriptions/logs-logflow";
+    let mut g = c.benchmark_group("archive_parquet_zstd3_25000_msgs");
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.sample_size(20);
+    g.bench_function("encode", |b| {
+        b.iter(|| {
+            logflow_gcs::archive::encode(recs.iter().map(|(r, _)| &**r), sub)
+                .expect("encodes")
+                .len()
+        })
+    });
+    g.finish();
+
+    // insertAll bodies for 500-row batches of the same records' rows.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
+    let registry = Registry::from_proto_dirs(&[dir]).expect("schemas compile");
+    let encoders: Vec<RowEncoder> = TYPES
+        .iter()
+        .map(|t| RowEncoder::new(registry.message(t).expect("type")).expect("plan"))
+        .collect();
+    let batch = &recs[..500];
+    let mut rows_buf = Vec::new();
+    let mut ends = Vec::new();
+    for (r, t) in batch {
+        let meta = RowMeta {
+            message_id: &r.message_id,
+            publish_time_micros: r.publish_time_micros,
+            attributes: &r.attributes,
+            subscription: sub,
+            ingest_time_micros: r.publish_time_micros + 1000,
+        };
+        encoders[*t]
+            .encode(&meta, &r.data, &mut rows_buf)
+            .expect("valid");
+        ends.push(rows_buf.len());
+    }
+    let mut start = 0;
+    let rows: Vec<(&str, &[u8])> = batch
+        .iter()
+        .zip(&ends)
+        .map(|((r, _), &end)| {
+            let row = &rows_buf[start..end];
+            start = end;
+            (r.message_id.as_str(), row)
+        })
+        .collect();
+    let payload: usize = batch.iter().map(|(r, _)| r.data.len()).sum();
+    let mut g = c.benchmark_group("insert_all_body_500_rows");
+    g.throughput(Throughput::Bytes(payload as u64));
+    g.bench_function("build", |b| {
+        b.iter(|| {
+            logflow_bigquery::build_body(&rows, 0, logflow_bigquery::DEFAULT_MAX_REQUEST_BYTES)
+                .1
+                .len()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

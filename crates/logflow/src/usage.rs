@@ -1,0 +1,97 @@
+//! What the process has used so far: CPU time and peak memory from the kernel
+//! (`getrusage`), and, when built with the `count-allocs` feature, heap allocations.
+//! `logflow run` logs it at exit; the end-to-end benchmark reads that line.
+//!
+//! The only module allowed `unsafe`: one libc call, and the allocator trait's contract.
+#![allow(unsafe_code)]
+
+/// Resource usage of this process since it started.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    /// CPU time in user mode, seconds.
+    pub user_seconds: f64,
+    /// CPU time in the kernel, seconds.
+    pub system_seconds: f64,
+    /// Peak resident set size, bytes.
+    pub max_rss_bytes: u64,
+    /// Heap allocations (only counted with the `count-allocs` feature).
+    pub allocations: Option<u64>,
+}
+
+/// Reads this process's usage.
+pub fn current() -> Usage {
+    // SAFETY: getrusage writes into the zeroed struct we own and reads nothing else.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0;
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Usage {
+        user_seconds: if ok { secs(ru.ru_utime) } else { 0.0 },
+        system_seconds: if ok { secs(ru.ru_stime) } else { 0.0 },
+        // Linux reports ru_maxrss in KiB.
+        max_rss_bytes: if ok {
+            ru.ru_maxrss.max(0) as u64 * 1024
+        } else {
+            0
+        },
+        allocations: allocations(),
+    }
+}
+
+#[cfg(feature = "count-allocs")]
+fn allocations() -> Option<u64> {
+    Some(counting::ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+#[cfg(not(feature = "count-allocs"))]
+fn allocations() -> Option<u64> {
+    None
+}
+
+/// The system allocator, counting allocations (for benchmarks: one relaxed atomic add per
+/// allocation).
+#[cfg(feature = "count-allocs")]
+pub mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Allocations (and reallocations) since start.
+    pub static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+    /// Counts, then delegates to [`System`].
+    #[derive(Debug)]
+    pub struct Counting;
+
+    // SAFETY: every method delegates to `System` with the caller's arguments unchanged.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: forwarded contract.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: forwarded contract.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: forwarded contract.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: forwarded contract.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn usage_is_read() {
+        let u = super::current();
+        assert!(u.max_rss_bytes > 0, "{u:?}");
+        assert!(u.user_seconds + u.system_seconds >= 0.0);
+    }
+}

@@ -1,0 +1,381 @@
+//! End-to-end benchmark: a backlog of the sample log mix (1 % malformed) published to the
+//! Pub/Sub emulator, drained by the release `logflow run` binary into the GCS and BigQuery
+//! emulators, then every message accounted for (raw archive, and BigQuery or dead letters).
+//!
+//! Reports the worker's own CPU time (`getrusage`, logged by the binary at exit), wall time,
+//! CPU per message, payload MB per CPU-second, peak RSS, heap allocations per message (the
+//! binary is built with `count-allocs`), and the emulators' CPU separately: the emulators set
+//! the wall time, the worker's CPU time is ours.
+//!
+//! `make bench` runs it (emulators started, release binary built). Settings from the
+//! environment: `BENCH_MESSAGES` (default 500000), `BENCH_STREAMS` (default 4),
+//! `BENCH_OUT` (JSON results, default `target/bench/e2e.json`).
+
+use std::collections::HashSet;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use logflow::samples::SampleGen;
+use logflow::worker::Clients;
+use logflow_integration_tests::{Emulators, outputs, schemas_dir, unique};
+
+const TYPES: [&str; 3] = [
+    "acme.http.v1.HttpAccessLog",
+    "acme.payments.v1.PaymentEvent",
+    "acme.auth.v1.AuthEvent",
+];
+/// Give up when the backlog is not drained in this time.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// CPU seconds (user + system) of every process in the process group `pgid`.
+fn group_cpu_seconds(pgid: u32) -> f64 {
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // f[0] = state, f[2] = pgrp, f[11] = utime, f[12] = stime.
+        if f.len() > 12 && f[2].parse::<u32>().ok() == Some(pgid) {
+            total += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+        }
+    }
+    total as f64 / ticks
+}
+
+/// The emulators' process groups, by name (from the pid files `scripts/emulators.sh` writes).
+fn emulator_groups() -> Vec<(String, u32)> {
+    ["pubsub", "gcs", "bigquery"]
+        .iter()
+        .filter_map(|n| {
+            let pid =
+                std::fs::read_to_string(repo().join(format!(".emulators/run/{n}.pid"))).ok()?;
+            Some((n.to_string(), pid.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// A counter or gauge of the worker's `/metrics`, summed over pipelines.
+async fn metric(admin: &str, name: &str) -> anyhow::Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(admin).await?;
+    c.write_all(b"GET /metrics HTTP/1.1\r\nhost: b\r\n\r\n")
+        .await?;
+    let mut s = String::new();
+    c.read_to_string(&mut s).await?;
+    Ok(s.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<u64>().ok()))
+        .sum())
+}
+
+/// `key=value` from a log line.
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| {
+            v.trim_start_matches("Some(")
+                .trim_end_matches(')')
+                .parse()
+                .ok()
+        })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let n: usize = env_or("BENCH_MESSAGES", 500_000);
+    let streams: usize = env_or("BENCH_STREAMS", 4);
+    let out_path = PathBuf::from(env_or(
+        "BENCH_OUT",
+        repo().join("target/bench/e2e.json").display().to_string(),
+    ));
+    let bin = repo().join("target/release/logflow");
+    ensure!(
+        bin.exists(),
+        "{} missing: `make bench` builds it",
+        bin.display()
+    );
+    let emu = Emulators::from_env();
+
+    // Destinations and the backlog.
+    let (raw, dlq, dataset) = (
+        unique("bench-raw"),
+        unique("bench-dlq"),
+        unique("bench").replace('-', "_"),
+    );
+    emu.bucket(&raw).await?;
+    emu.bucket(&dlq).await?;
+    emu.dataset(&dataset).await?;
+    let topic = unique("bench");
+    let subscription = format!("{topic}-sub");
+    let topic_path = emu.topic_and_subscription(&topic, &subscription).await?;
+    let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()])?;
+    let publisher =
+        logflow::publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref()).await?;
+    let mut all: HashSet<String> = HashSet::with_capacity(n);
+    let mut malformed: HashSet<String> = HashSet::new();
+    let mut payload_bytes = 0u64;
+    let published_at = Instant::now();
+    let chunk = 10_000;
+    let mut gens: Vec<SampleGen> = (0..3)
+        .map(|i| SampleGen::new(1000 + i, now_secs()))
+        .collect();
+    let mds: Vec<_> = TYPES
+        .iter()
+        .map(|t| registry.message(t))
+        .collect::<Result<_, _>>()?;
+    let mut done = 0;
+    while done < n {
+        let k = chunk.min(n - done);
+        let mut items = Vec::with_capacity(k);
+        let mut bad = Vec::with_capacity(k);
+        for j in 0..k {
+            let t = (done + j) % 3;
+            let s = gens[t].samples(&mds[t], 1, 0.01).remove(0);
+            payload_bytes += s.payload.len() as u64;
+            bad.push(s.malformed.is_some());
+            items.push((
+                s.payload,
+                vec![("logflow-type".to_string(), TYPES[t].to_string())],
+            ));
+        }
+        let ids = logflow::publish::publish_all(&publisher, items).await?;
+        for (id, b) in ids.into_iter().zip(bad) {
+            if b {
+                malformed.insert(id.clone());
+            }
+            all.insert(id);
+        }
+        done += k;
+    }
+    let publish_secs = published_at.elapsed().as_secs_f64();
+    eprintln!(
+        "published {n} messages ({:.1} MB of payload, {} malformed) in {publish_secs:.0} s",
+        payload_bytes as f64 / 1e6,
+        malformed.len()
+    );
+
+    // The worker, with default batching and flow control.
+    let yaml = format!(
+        "project: {project}\nschemas: {{ proto_dirs: [\"{schemas}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: bench\n    subscription: {subscription}\n    message_type: {ty}\n    type_attribute: logflow-type\n    streams: {streams}\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\" }}\n    archive: {{ bucket: {raw} }}\n    dead_letter: {{ bucket: {dlq} }}\n",
+        project = emu.project,
+        schemas = schemas_dir().display(),
+        ty = TYPES[0],
+    );
+    let dir = std::env::temp_dir().join(unique("logflow-bench"));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, &yaml)?;
+    let groups = emulator_groups();
+    let emu_cpu_before: Vec<f64> = groups.iter().map(|(_, g)| group_cpu_seconds(*g)).collect();
+    let started = Instant::now();
+    let mut child = Command::new(&bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("LOGFLOW_LOG", "info")
+        .env("LOGFLOW_WORKER_ID", "bench")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("start the worker")?;
+    let pid = child.id();
+    let stderr = child.stderr.take().context("stderr")?;
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let log = std::thread::spawn(move || {
+        let mut last = String::new();
+        let mut lines = 0usize;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("admin endpoint listening")
+                && let Some(a) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+            {
+                addr_tx.send(a.to_string()).ok();
+            }
+            if line.contains("worker stopped cleanly") || line.contains("ERROR") {
+                last = line.clone();
+            }
+            lines += 1;
+        }
+        (last, lines)
+    });
+    let admin = addr_rx
+        .recv_timeout(Duration::from_secs(120))
+        .context("the worker did not start")?;
+
+    // Drained when every message was acked once (redeliveries make `acked` larger) and nothing
+    // is held; then the outputs must account for every message.
+    let total = n as u64;
+    let mut peak_outstanding = 0;
+    let mut last_report = Instant::now();
+    loop {
+        ensure!(
+            started.elapsed() < DRAIN_TIMEOUT,
+            "backlog not drained in {DRAIN_TIMEOUT:?}"
+        );
+        if let Some(st) = child.try_wait()? {
+            bail!("the worker exited early ({st}): {:?}", log.join().ok());
+        }
+        let acked = metric(&admin, "logflow_source_acked_messages_total").await?;
+        let outstanding = metric(&admin, "logflow_source_outstanding_messages").await?;
+        peak_outstanding = peak_outstanding.max(outstanding);
+        if last_report.elapsed() > Duration::from_secs(15) {
+            eprintln!(
+                "{:>5.0} s: acked {acked} of {total}, holding {outstanding}",
+                started.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        if acked >= total && outstanding == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let drained_secs = started.elapsed().as_secs_f64();
+    let received = metric(&admin, "logflow_source_received_messages_total").await?;
+    let stream_reopens = metric(&admin, "logflow_source_stream_reopens_total").await?;
+    let vm_hwm_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    ensure!(
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?
+            .success()
+    );
+    let status = child.wait()?;
+    let (last, _lines) = log
+        .join()
+        .map_err(|_| anyhow::anyhow!("log reader panicked"))?;
+    ensure!(status.success(), "worker exit {status}: {last}");
+    let emu_cpu: Vec<(String, f64)> = groups
+        .iter()
+        .zip(emu_cpu_before)
+        .map(|((name, g), before)| (name.clone(), group_cpu_seconds(*g) - before))
+        .collect();
+    let user = field(&last, "cpu_user_seconds").context("cpu in the exit line")?;
+    let system = field(&last, "cpu_system_seconds").context("cpu in the exit line")?;
+    let max_rss = field(&last, "max_rss_bytes").context("rss in the exit line")?;
+    let allocations = field(&last, "allocations");
+
+    // Every message accounted for.
+    let clients =
+        Clients::connect(&logflow::config::Config::load(&config)?, &emu.endpoints).await?;
+    let archived =
+        outputs::archived_ids(&clients.gcs, &raw, &format!("raw/{subscription}/")).await?;
+    let mut archived_ids = HashSet::with_capacity(n);
+    let mut archived_total = 0usize;
+    for (_, ids) in archived {
+        archived_total += ids.len();
+        archived_ids.extend(ids);
+    }
+    let dead =
+        outputs::dead_letter_ids(&clients.gcs, &dlq, &format!("dead-letter/{subscription}/"))
+            .await?;
+    let mut rows_distinct = 0u64;
+    let mut rows_total = 0u64;
+    for t in ["http_access_log", "payment_event", "auth_event"] {
+        let r = clients
+            .bq
+            .query(&format!(
+                "SELECT COUNT(DISTINCT _message_id), COUNT(*) FROM {dataset}.logs_{t}"
+            ))
+            .await?;
+        let cell = |i: usize| -> u64 {
+            r.first()
+                .and_then(|row| row[i].as_ref())
+                .and_then(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .or_else(|| Some(v.to_string()))
+                })
+                .and_then(|s| s.trim_matches('"').parse().ok())
+                .unwrap_or(0)
+        };
+        rows_distinct += cell(0);
+        rows_total += cell(1);
+    }
+    let lost_archive = all.difference(&archived_ids).count();
+    let dead_expected: HashSet<&String> = malformed.iter().collect();
+    let dead_got: HashSet<&String> = dead.iter().collect();
+    let valid = (n - malformed.len()) as u64;
+    ensure!(
+        lost_archive == 0,
+        "{lost_archive} messages missing from the raw archive"
+    );
+    ensure!(
+        dead_got == dead_expected,
+        "dead letters {} != malformed {}",
+        dead.len(),
+        malformed.len()
+    );
+    ensure!(
+        rows_distinct == valid,
+        "{rows_distinct} distinct rows for {valid} valid messages"
+    );
+
+    let cpu = user + system;
+    let results = serde_json::json!({
+        "messages": n,
+        "malformed": malformed.len(),
+        "payload_bytes": payload_bytes,
+        "mean_payload_bytes": payload_bytes as f64 / n as f64,
+        "streams": streams,
+        "publish_seconds": publish_secs,
+        "drain_wall_seconds": drained_secs,
+        "worker_cpu_user_seconds": user,
+        "worker_cpu_system_seconds": system,
+        "worker_cpu_us_per_message": cpu * 1e6 / n as f64,
+        "payload_mb_per_cpu_second": payload_bytes as f64 / 1e6 / cpu,
+        "worker_peak_rss_mib": max_rss / 1048576.0,
+        "worker_vm_hwm_mib": vm_hwm_kib as f64 / 1024.0,
+        "worker_allocations_per_message": allocations.map(|a| a / n as f64),
+        "peak_outstanding_seen": peak_outstanding,
+        "received": received,
+        "redelivered_extra": received.saturating_sub(total),
+        "stream_reopens": stream_reopens,
+        "archive_duplicates": archived_total - archived_ids.len(),
+        "bigquery_rows": rows_total,
+        "bigquery_duplicate_rows": rows_total - rows_distinct,
+        "dead_letters": dead.len(),
+        "emulator_cpu_seconds": emu_cpu.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+    });
+    if let Some(d) = out_path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&out_path, serde_json::to_string_pretty(&results)?)?;
+    println!("{}", serde_json::to_string_pretty(&results)?);
+    eprintln!("results written to {}", out_path.display());
+    Ok(())
+}
+
+fn now_secs() -> i64 {
+    logflow_core::time::now_micros() / 1_000_000
+}

@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Writes BENCHMARKS.md (to stdout) from the results of `make bench`: criterion's estimates
+under target/criterion, the allocation counts printed by the transcode benchmark, and the
+end-to-end results in target/bench/e2e.json. The notes at the end come from
+scripts/benchmarks-notes.md (hand-written: profiles, history, what is not measured)."""
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CRIT = os.path.join(ROOT, "target", "criterion")
+OUT = os.path.join(ROOT, "target", "bench")
+
+MIB = 1024 * 1024
+
+
+def machine():
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) // (1024 * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{os.cpu_count()} vCPU {model}, {mem} GiB, {platform.system()} {platform.release()}"
+
+
+def commit():
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def estimate(group, name):
+    """(mean ns per iteration, throughput bytes per iteration) or None."""
+    base = os.path.join(CRIT, group, name, "new")
+    try:
+        with open(os.path.join(base, "estimates.json")) as f:
+            mean = json.load(f)["mean"]["point_estimate"]
+        with open(os.path.join(base, "benchmark.json")) as f:
+            tp = (json.load(f).get("throughput") or {}).get("Bytes")
+        return mean, tp
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def allocations():
+    out = {}
+    try:
+        with open(os.path.join(OUT, "criterion.txt")) as f:
+            for line in f:
+                m = re.match(r"(\S+): ([0-9.]+) allocations per message", line.strip())
+                if m:
+                    out[m.group(1)] = float(m.group(2))
+    except OSError:
+        pass
+    return out
+
+
+def row(group, name, label, messages, allocs=None):
+    e = estimate(group, name)
+    if e is None:
+        return f"| {label} | not run | | |"
+    ns, tp = e
+    mibs = tp / MIB / (ns / 1e9) if tp else 0
+    per = ns / 1000 / messages
+    a = "" if allocs is None else f"{allocs:.2f}"
+    return f"| {label} | {mibs:.0f} MiB/s ({mibs * MIB / 1e6:.0f} MB/s) | {per:.2f} µs | {a} |"
+
+
+def main():
+    allocs = allocations()
+    t = "transcode_sample_mix_3000_msgs"
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`scripts/bench.sh`, then `scripts/bench-report.py`); do not edit",
+        "by hand, edit `scripts/benchmarks-notes.md` for the notes at the end.",
+        "",
+        f"- machine: {machine()}",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- commit: {commit()}",
+        "",
+        "## Transcoding: protobuf payload → BigQuery insertAll row JSON",
+        "",
+        "`crates/logflow/benches/transcode.rs`: 3,000 messages of the sample mix (1,000 each of",
+        "`HttpAccessLog`, `PaymentEvent`, `AuthEvent` from the `logflow publish` generator), each",
+        "turned into a complete row with the six metadata columns. Throughput in protobuf input",
+        "bytes, one core.",
+        "",
+        "| path | throughput | per message | allocations per message |",
+        "|---|---|---|---|",
+        row(t, "wire", "wire transcoder (`RowEncoder::encode`, what the worker runs)", 3000,
+            allocs.get(f"{t}/wire")),
+        row(t, "dynamic_message_reference",
+            "prost-reflect `DynamicMessage` decode + our JSON writer (the reference)", 3000,
+            allocs.get(f"{t}/dynamic_message_reference")),
+        row(t, "prost_serde_ceiling",
+            "prost-generated structs + serde_json (compiled-in types; simpler JSON)", 3000,
+            allocs.get(f"{t}/prost_serde_ceiling")),
+        "",
+        "## Sinks",
+        "",
+        "`crates/logflow/benches/sinks.rs`, on the same mix. Throughput in protobuf payload bytes.",
+        "",
+        "| work | throughput | per message | |",
+        "|---|---|---|---|",
+        row("archive_parquet_zstd3_25000_msgs", "encode",
+            "raw-archive object: 25,000 records → Parquet, zstd level 3", 25000),
+        row("insert_all_body_500_rows", "build",
+            "insertAll request body from 500 pre-serialised rows", 500),
+        "",
+    ]
+    try:
+        with open(os.path.join(OUT, "e2e.json")) as f:
+            e = json.load(f)
+    except (OSError, ValueError):
+        e = None
+    lines += ["## End to end: Pub/Sub emulator → worker → GCS and BigQuery emulators", ""]
+    if e is None:
+        lines += ["Not run.", ""]
+    else:
+        emu = e.get("emulator_cpu_seconds", {})
+        emu_s = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(emu.items()))
+        allocs_e2e = e.get("worker_allocations_per_message")
+        lines += [
+            "`integration-tests/benches/e2e.rs`: a backlog published to the Pub/Sub emulator, drained",
+            "by the release `logflow run` binary (default batching and flow control, "
+            f"{e['streams']} streams, one",
+            "pipeline routing the three types to a table each by attribute), then every message",
+            "accounted for: all in the raw archive, each valid one in BigQuery, each malformed one",
+            "in the dead letters. CPU time is the worker's own (`getrusage` at exit); the emulators",
+            "share the two cores and set the wall time.",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| messages (malformed) | {e['messages']:,} ({e['malformed']:,}) |",
+            f"| payload | {e['payload_bytes'] / 1e6:.0f} MB, {e['mean_payload_bytes']:.0f} B per message on average |",
+            f"| worker CPU (user + system) | {e['worker_cpu_user_seconds']:.1f} s + {e['worker_cpu_system_seconds']:.1f} s |",
+            f"| **worker CPU per message** | **{e['worker_cpu_us_per_message']:.1f} µs** |",
+            f"| **payload per worker CPU-second** | **{e['payload_mb_per_cpu_second']:.1f} MB/s** |",
+            f"| **worker peak RSS** | **{e['worker_peak_rss_mib']:.0f} MiB** |",
+            f"| worker heap allocations per message | {allocs_e2e:.1f} |" if allocs_e2e is not None
+            else "| worker heap allocations per message | not counted |",
+            f"| most messages held at once (seen on /metrics) | {e['peak_outstanding_seen']:,} |",
+            f"| wall time to drain | {e['drain_wall_seconds']:.0f} s (publishing took {e['publish_seconds']:.0f} s) |",
+            f"| emulators' CPU while draining | {emu_s} |",
+            f"| redeliveries received (beyond one per message) | {e['redelivered_extra']:,} |",
+            f"| archive duplicates / BigQuery duplicate rows | {e['archive_duplicates']:,} / {e['bigquery_duplicate_rows']:,} |",
+            f"| stream re-opens | {e['stream_reopens']} |",
+            "",
+        ]
+    try:
+        with open(os.path.join(ROOT, "scripts", "benchmarks-notes.md")) as f:
+            lines += [f.read().rstrip(), ""]
+    except OSError:
+        pass
+    sys.stdout.write("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# `make bench`: the micro-benchmarks (criterion, release), then the end-to-end run against the
+# emulators (started here if not running, and stopped again if this script started them), then
+# BENCHMARKS.md rewritten from the results. BENCH_MESSAGES sets the end-to-end backlog
+# (default 500000); BENCH_QUICK=1 runs everything briefly (a smoke test of the tooling).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT=target/bench
+mkdir -p "$OUT"
+
+CRITERION_ARGS=(--warm-up-time 2 --measurement-time 6)
+if [ "${BENCH_QUICK:-0}" = 1 ]; then
+  CRITERION_ARGS=(--warm-up-time 0.2 --measurement-time 0.5 --sample-size 10)
+  export BENCH_MESSAGES="${BENCH_MESSAGES:-3000}"
+fi
+
+echo "== release binary (with the allocation counter, for the end-to-end run)"
+cargo build --release --locked -p logflow --features count-allocs --bin logflow
+
+echo "== micro-benchmarks"
+cargo bench --locked -p logflow --bench transcode --bench sinks -- "${CRITERION_ARGS[@]}" \
+  | tee "$OUT/criterion.txt"
+
+echo "== end to end (${BENCH_MESSAGES:-500000} messages)"
+started_here=0
+if ! scripts/emulators.sh status | grep -q "pubsub: running"; then
+  started_here=1
+  trap 'scripts/emulators.sh stop' EXIT
+  scripts/emulators.sh start
+fi
+eval "$(scripts/emulators.sh env)"
+cargo bench --locked -p logflow-integration-tests --features emulator-tests --bench e2e
+[ "$started_here" = 1 ] && echo "(emulators stopped on exit)"
+
+echo "== BENCHMARKS.md"
+python3 scripts/bench-report.py > BENCHMARKS.md.new
+mv BENCHMARKS.md.new BENCHMARKS.md
+echo "BENCHMARKS.md rewritten"
