@@ -225,12 +225,16 @@ async fn main() -> anyhow::Result<()> {
         .recv_timeout(Duration::from_secs(120))
         .context("the worker did not start")?;
 
-    // Drained when every message was acked once (redeliveries make `acked` larger) and nothing
-    // is held; then the outputs must account for every message.
+    // Drained when every message is accounted for in the outputs. Acks alone cannot tell:
+    // redeliveries are acked too.
+    let clients =
+        Clients::connect(&logflow::config::Config::load(&config)?, &emu.endpoints).await?;
     let total = n as u64;
+    let valid = (n - malformed.len()) as u64;
     let mut peak_outstanding = 0;
     let mut last_report = Instant::now();
-    loop {
+    let mut last_check = Instant::now();
+    let acc = loop {
         ensure!(
             started.elapsed() < DRAIN_TIMEOUT,
             "backlog not drained in {DRAIN_TIMEOUT:?}"
@@ -248,11 +252,18 @@ async fn main() -> anyhow::Result<()> {
             );
             last_report = Instant::now();
         }
-        if acked >= total && outstanding == 0 {
-            break;
+        if acked >= total && last_check.elapsed() > Duration::from_secs(10) {
+            last_check = Instant::now();
+            let acc = account(&clients, &raw, &dlq, &subscription, &dataset).await?;
+            if acc.archived.len() == n
+                && acc.rows_distinct == valid
+                && acc.dead.len() == malformed.len()
+            {
+                break acc;
+            }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    };
     let drained_secs = started.elapsed().as_secs_f64();
     let received = metric(&admin, "logflow_source_received_messages_total").await?;
     let stream_reopens = metric(&admin, "logflow_source_stream_reopens_total").await?;
@@ -285,61 +296,27 @@ async fn main() -> anyhow::Result<()> {
     let max_rss = field(&last, "max_rss_bytes").context("rss in the exit line")?;
     let allocations = field(&last, "allocations");
 
-    // Every message accounted for.
-    let clients =
-        Clients::connect(&logflow::config::Config::load(&config)?, &emu.endpoints).await?;
-    let archived =
-        outputs::archived_ids(&clients.gcs, &raw, &format!("raw/{subscription}/")).await?;
-    let mut archived_ids = HashSet::with_capacity(n);
-    let mut archived_total = 0usize;
-    for (_, ids) in archived {
-        archived_total += ids.len();
-        archived_ids.extend(ids);
-    }
-    let dead =
-        outputs::dead_letter_ids(&clients.gcs, &dlq, &format!("dead-letter/{subscription}/"))
-            .await?;
-    let mut rows_distinct = 0u64;
-    let mut rows_total = 0u64;
-    for t in ["http_access_log", "payment_event", "auth_event"] {
-        let r = clients
-            .bq
-            .query(&format!(
-                "SELECT COUNT(DISTINCT _message_id), COUNT(*) FROM {dataset}.logs_{t}"
-            ))
-            .await?;
-        let cell = |i: usize| -> u64 {
-            r.first()
-                .and_then(|row| row[i].as_ref())
-                .and_then(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .or_else(|| Some(v.to_string()))
-                })
-                .and_then(|s| s.trim_matches('"').parse().ok())
-                .unwrap_or(0)
-        };
-        rows_distinct += cell(0);
-        rows_total += cell(1);
-    }
-    let lost_archive = all.difference(&archived_ids).count();
-    let dead_expected: HashSet<&String> = malformed.iter().collect();
-    let dead_got: HashSet<&String> = dead.iter().collect();
-    let valid = (n - malformed.len()) as u64;
+    // Every message accounted for, exactly.
+    let lost_archive = all.iter().filter(|id| !acc.archived.contains(*id)).count();
     ensure!(
         lost_archive == 0,
         "{lost_archive} messages missing from the raw archive"
     );
     ensure!(
-        dead_got == dead_expected,
+        acc.dead == malformed,
         "dead letters {} != malformed {}",
-        dead.len(),
+        acc.dead.len(),
         malformed.len()
     );
     ensure!(
-        rows_distinct == valid,
-        "{rows_distinct} distinct rows for {valid} valid messages"
+        acc.rows_distinct == valid,
+        "{} distinct rows for {valid} valid messages",
+        acc.rows_distinct
     );
+    let (archived_total, rows_total, dead_count) =
+        (acc.archived_total, acc.rows_total, acc.dead.len());
+    let archived_ids = acc.archived;
+    let rows_distinct = acc.rows_distinct;
 
     let cpu = user + system;
     let results = serde_json::json!({
@@ -364,7 +341,7 @@ async fn main() -> anyhow::Result<()> {
         "archive_duplicates": archived_total - archived_ids.len(),
         "bigquery_rows": rows_total,
         "bigquery_duplicate_rows": rows_total - rows_distinct,
-        "dead_letters": dead.len(),
+        "dead_letters": dead_count,
         "emulator_cpu_seconds": emu_cpu.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
     });
     if let Some(d) = out_path.parent() {
@@ -378,4 +355,63 @@ async fn main() -> anyhow::Result<()> {
 
 fn now_secs() -> i64 {
     logflow_core::time::now_micros() / 1_000_000
+}
+
+/// What the outputs hold.
+struct Accounting {
+    archived: HashSet<String>,
+    archived_total: usize,
+    dead: HashSet<String>,
+    rows_distinct: u64,
+    rows_total: u64,
+}
+
+async fn account(
+    clients: &Clients,
+    raw: &str,
+    dlq: &str,
+    subscription: &str,
+    dataset: &str,
+) -> anyhow::Result<Accounting> {
+    let mut archived = HashSet::new();
+    let mut archived_total = 0;
+    for (_, ids) in
+        outputs::archived_ids(&clients.gcs, raw, &format!("raw/{subscription}/")).await?
+    {
+        archived_total += ids.len();
+        archived.extend(ids);
+    }
+    let dead = outputs::dead_letter_ids(&clients.gcs, dlq, &format!("dead-letter/{subscription}/"))
+        .await?
+        .into_iter()
+        .collect();
+    let (mut rows_distinct, mut rows_total) = (0, 0);
+    for t in ["http_access_log", "payment_event", "auth_event"] {
+        let r = clients
+            .bq
+            .query(&format!(
+                "SELECT COUNT(DISTINCT _message_id), COUNT(*) FROM {dataset}.logs_{t}"
+            ))
+            .await?;
+        let cell = |i: usize| -> u64 {
+            r.first()
+                .and_then(|row| row[i].as_ref())
+                .and_then(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .or_else(|| Some(v.to_string()))
+                })
+                .and_then(|s| s.trim_matches('"').parse().ok())
+                .unwrap_or(0)
+        };
+        rows_distinct += cell(0);
+        rows_total += cell(1);
+    }
+    Ok(Accounting {
+        archived,
+        archived_total,
+        dead,
+        rows_distinct,
+        rows_total,
+    })
 }

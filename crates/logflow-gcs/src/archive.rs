@@ -104,18 +104,40 @@ pub fn encode<'a>(
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns)
         .map_err(|e| GcsError::Format(e.to_string()))?;
-    parquet_file(&batch, data_bytes / 2 + 4096)
+    // Ids and payloads are (nearly) all distinct: a dictionary would be built and thrown away,
+    // and min/max statistics of payload bytes help no reader.
+    parquet_file_with(&batch, data_bytes / 2 + 4096, &["message_id", "data"])
 }
 
 /// One record batch as a zstd-compressed Parquet file (the format of every Parquet object).
 pub fn parquet_file(batch: &RecordBatch, capacity: usize) -> Result<Bytes, GcsError> {
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).map_err(|e| GcsError::Format(e.to_string()))?,
-        ))
-        .build();
+    parquet_file_with(batch, capacity, &[])
+}
+
+/// zstd level of every Parquet object, chosen by measurement (BENCHMARKS.md, sinks).
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// [`parquet_file`], with dictionary encoding and statistics off for `unique_columns`
+/// (top-level columns whose values are nearly all distinct).
+pub fn parquet_file_with(
+    batch: &RecordBatch,
+    capacity: usize,
+    unique_columns: &[&str],
+) -> Result<Bytes, GcsError> {
+    let mut props = WriterProperties::builder().set_compression(Compression::ZSTD(
+        ZstdLevel::try_new(ZSTD_LEVEL).map_err(|e| GcsError::Format(e.to_string()))?,
+    ));
+    for c in unique_columns {
+        let path = parquet::schema::types::ColumnPath::from(*c);
+        props = props
+            .set_column_dictionary_enabled(path.clone(), false)
+            .set_column_statistics_enabled(
+                path,
+                parquet::file::properties::EnabledStatistics::None,
+            );
+    }
     let mut buf = Vec::with_capacity(capacity);
-    let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
+    let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props.build()))
         .map_err(|e| GcsError::Format(e.to_string()))?;
     writer
         .write(batch)

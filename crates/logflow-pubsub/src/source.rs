@@ -202,11 +202,15 @@ impl PubsubSource {
         let mut failures = 0u32;
         let mut tokens = Vec::new();
         let result = 'streams: loop {
+            // Pub/Sub applies these limits per stream: each stream asks for its share of the
+            // worker's budget, so that the server never sends more than the worker will read
+            // at once (unread messages are not leased, and would expire and come back).
+            let streams = o.streams.max(1);
             let mut stream = self
                 .client
                 .subscribe(o.subscription.clone())
-                .set_max_outstanding_messages(o.max_outstanding_messages as i64)
-                .set_max_outstanding_bytes(budget.max_bytes as i64)
+                .set_max_outstanding_messages(o.max_outstanding_messages.div_ceil(streams) as i64)
+                .set_max_outstanding_bytes(budget.max_bytes.div_ceil(streams) as i64)
                 .set_max_lease_extension(o.lease_extension)
                 .set_max_lease(o.max_lease)
                 .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)

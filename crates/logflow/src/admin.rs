@@ -275,6 +275,37 @@ mod tests {
         assert!(text.contains("logflow_source_ack_lag_seconds_count{pipeline=\"auth\"} 0\n"));
     }
 
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../deploy/grafana/logflow-dashboard.json"
+        );
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let text = render_metrics(&[("p".into(), Arc::new(Stats::default()))]);
+        let mut seen = 0;
+        for panel in dash["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for (i, _) in expr.match_indices("logflow_") {
+                    let name: String = expr[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    let base = name.strip_suffix("_bucket").unwrap_or(&name);
+                    assert!(
+                        text.contains(&format!("# TYPE {base} ")),
+                        "panel {:?} uses {name}, which /metrics does not export",
+                        panel["title"]
+                    );
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 10, "{seen}");
+    }
+
     #[tokio::test]
     async fn readiness_turns_false_on_shutdown() {
         let state = Arc::new(AdminState {

@@ -319,7 +319,14 @@ pub async fn replay(
     .await?;
     let replay_id = format!("replay-{}", worker::worker_id());
     let mut stages: JoinSet<anyhow::Result<()>> = JoinSet::new();
-    let decode_tx = worker::spawn_row_stages(&ctx, &p, &clients, &replay_id, &mut stages);
+    let decode_tx = worker::spawn_row_stages(
+        &ctx,
+        &p,
+        &clients,
+        &replay_id,
+        worker::REPLAY_CHANNEL,
+        &mut stages,
+    );
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, bool)>();
     let failures = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));

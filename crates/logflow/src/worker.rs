@@ -23,9 +23,8 @@ use crate::endpoints::Endpoints;
 use crate::routing::TypeRouter;
 use crate::stages::{self, GcsOutput, StageContext};
 
-/// Envelopes buffered between the source and each branch. Small: the real bound on memory is
-/// flow control; this only decouples the branches' batch flushes from each other.
-const BRANCH_CHANNEL: usize = 1024;
+/// Envelopes buffered between a GCS-reading source (`replay`) and the decode stage.
+pub const REPLAY_CHANNEL: usize = 1024;
 /// Row batches waiting for an insert slot.
 const INSERT_CHANNEL: usize = 4;
 /// Failed messages waiting for the dead-letter writer.
@@ -336,9 +335,10 @@ pub fn spawn_row_stages(
     p: &PipelineConfig,
     clients: &Clients,
     worker: &str,
+    input_capacity: usize,
     set: &mut JoinSet<anyhow::Result<()>>,
 ) -> mpsc::Sender<Envelope> {
-    let (decode_tx, decode_rx) = mpsc::channel(BRANCH_CHANNEL);
+    let (decode_tx, decode_rx) = mpsc::channel(input_capacity.max(1));
     let (insert_tx, insert_rx) = mpsc::channel(INSERT_CHANNEL);
     let (dead_tx, dead_rx) = mpsc::channel(DEAD_CHANNEL);
     set.spawn(stages::decode_stage(
@@ -379,7 +379,13 @@ async fn run_pipeline(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let token = shutdown.child_token();
-    let (archive_tx, archive_rx) = mpsc::channel(BRANCH_CHANNEL);
+    // Each branch's input holds as many messages as flow control lets the worker hold, so the
+    // source never waits on a branch: it waits only on the flow-control budget, which Pub/Sub
+    // knows about. A source blocked on a full channel would stop reading its streams while
+    // Pub/Sub keeps sending; the unread messages, not yet leased, would expire and come back.
+    // Memory stays bounded by the budget: every envelope in a channel holds its permits.
+    let branch = p.flow_control.max_outstanding_messages.max(1);
+    let (archive_tx, archive_rx) = mpsc::channel(branch);
     let sub = ctx.subscription.to_string();
     let mut set: JoinSet<anyhow::Result<()>> = JoinSet::new();
     set.spawn(stages::archive_stage(
@@ -392,10 +398,10 @@ async fn run_pipeline(
         },
         archive_rx,
     ));
-    let decode_tx = spawn_row_stages(&ctx, &p, &clients, worker, &mut set);
+    let decode_tx = spawn_row_stages(&ctx, &p, &clients, worker, branch, &mut set);
     let mut outputs = vec![archive_tx, decode_tx];
     if let Some(parsed) = &p.parsed {
-        let (parsed_tx, parsed_rx) = mpsc::channel(BRANCH_CHANNEL);
+        let (parsed_tx, parsed_rx) = mpsc::channel(branch);
         set.spawn(stages::parsed_stage(
             Arc::clone(&ctx),
             clients.gcs.clone(),

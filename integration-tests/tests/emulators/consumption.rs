@@ -64,15 +64,15 @@ async fn row_ids(clients: &Clients, dataset: &str, table: &str) -> Vec<String> {
         .collect()
 }
 
-struct Setup {
-    emu: Emulators,
-    raw: String,
-    dlq: String,
-    dataset: String,
-    stream: Stream,
+pub(crate) struct Setup {
+    pub(crate) emu: Emulators,
+    pub(crate) raw: String,
+    pub(crate) dlq: String,
+    pub(crate) dataset: String,
+    pub(crate) stream: Stream,
 }
 
-async fn setup(n: usize, seed: u64) -> Setup {
+pub(crate) async fn setup(n: usize, seed: u64) -> Setup {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
     let ty = "acme.auth.v1.AuthEvent";
@@ -87,7 +87,7 @@ async fn setup(n: usize, seed: u64) -> Setup {
 }
 
 /// Checks that every published message is archived, and in BigQuery or the dead-letter path.
-async fn assert_complete(s: &Setup, clients: &Clients) -> usize {
+pub(crate) async fn assert_complete(s: &Setup, clients: &Clients) -> usize {
     let all: BTreeSet<&str> = s.stream.published.keys().map(String::as_str).collect();
     let objects = archived(clients, &s.raw, &s.stream.subscription).await;
     let names: BTreeSet<&str> = objects.iter().map(|(n, _)| n.as_str()).collect();
@@ -375,7 +375,7 @@ async fn the_worker_never_holds_more_than_its_flow_control_allows() {
 
 /// Polls the outputs until every published message is archived and in BigQuery or the
 /// dead-letter path (the only signal a killed worker leaves behind).
-async fn wait_complete(s: &Setup, clients: &Clients) {
+pub(crate) async fn wait_complete(s: &Setup, clients: &Clients) {
     let all: BTreeSet<&str> = s.stream.published.keys().map(String::as_str).collect();
     let deadline = Instant::now() + PROCESS_TIMEOUT;
     loop {

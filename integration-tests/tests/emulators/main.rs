@@ -3,7 +3,9 @@
 //! they are not compiled.
 #![cfg(feature = "emulator-tests")]
 
+mod chaos;
 mod common;
 mod consumption;
+mod hostile;
 mod pipeline;
 mod replay;

@@ -1,0 +1,100 @@
+//! Faults on the sinks while a worker drains a backlog: error statuses, resets and outages of
+//! GCS and BigQuery, injected by a proxy on 127.0.0.1 in front of each emulator. Nothing may be
+//! lost, and the worker must recover by itself once the faults stop.
+//!
+//! (An outage is a proxy that resets every connection: to the worker it is the same as a
+//! stopped emulator, without stopping the emulator that the other tests share.)
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use logflow::endpoints::Endpoints;
+use logflow::worker::{self, Clients};
+use logflow_integration_tests::proxy::{Fault, FaultProxy};
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{PROCESS_TIMEOUT, config_yaml, load_config};
+use crate::consumption::{assert_complete, setup, wait_complete};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_faults_and_outages_lose_nothing() {
+    let s = setup(6_000, 61).await;
+    let gcs = FaultProxy::start(s.emu.endpoints.storage.as_deref().unwrap())
+        .await
+        .unwrap();
+    let bq = FaultProxy::start(s.emu.endpoints.bigquery.as_deref().unwrap())
+        .await
+        .unwrap();
+    let cfg = load_config(
+        &config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream]).replace(
+            "retry: { max_attempts: 5, max_elapsed: 30s }",
+            "retry: { max_attempts: 4, max_elapsed: 5s, initial_backoff: 50ms, max_backoff: 1s }",
+        ),
+    );
+    assert_eq!(cfg.retry.max_attempts, 4);
+    let through_proxies = Endpoints {
+        pubsub: s.emu.endpoints.pubsub.clone(),
+        storage: Some(gcs.endpoint()),
+        bigquery: Some(bq.endpoint()),
+    };
+    let faulty = Clients::connect(&cfg, &through_proxies).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = worker::start(cfg.clone(), faulty, shutdown.clone())
+        .await
+        .unwrap();
+    let stats = &running.stats[0].1;
+    let total = s.stream.published.len() as u64;
+
+    // 1. A third of new connections to each sink fail, the kind of failure changing every
+    //    second, until a third of the messages are acked.
+    let kinds = [
+        Fault::Status(503),
+        Fault::Status(429),
+        Fault::Reset,
+        Fault::Status(500),
+    ];
+    let mut i = 0;
+    let until = tokio::time::Instant::now() + PROCESS_TIMEOUT;
+    while stats.snapshot().acked < total / 3 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no progress under faults: {:?}",
+            stats.snapshot()
+        );
+        gcs.set_rate(kinds[i % kinds.len()], 333);
+        bq.set_rate(kinds[(i + 1) % kinds.len()], 333);
+        i += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // 2. An outage of GCS, then one of BigQuery, each longer than the retry budget: batches
+    //    fail, their messages are nacked and come back.
+    for proxy in [&gcs, &bq] {
+        proxy.set(Fault::Reset);
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        proxy.set(Fault::Pass);
+    }
+    // 3. Everything passes again: the same worker, never restarted, finishes the work.
+    let direct = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
+    let mut done = running.done;
+    tokio::select! {
+        () = wait_complete(&s, &direct) => {}
+        r = &mut done => panic!("the pipeline stopped instead of recovering: {r:?}; {:?}", stats.snapshot()),
+    }
+    let snap = stats.snapshot();
+    shutdown.cancel();
+    done.await
+        .unwrap()
+        .expect("the pipeline recovered by itself (no permanent error)");
+    let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
+    let dups = assert_complete(&s, &clients).await;
+    let faults =
+        gcs.counts.faulted.load(Ordering::Relaxed) + bq.counts.faulted.load(Ordering::Relaxed);
+    assert!(
+        faults > 0 && snap.retries > 0,
+        "faults were injected and retried: {snap:?}"
+    );
+    eprintln!(
+        "chaos: {faults} faulty connections, {} retries, {} messages nacked and redelivered, {dups} archived twice, 0 lost",
+        snap.retries, snap.nacked
+    );
+}
