@@ -1,5 +1,6 @@
-//! The worker's admin endpoint: `/healthz` (liveness), `/readyz` (readiness: false from the
-//! first shutdown signal on) and `/metrics` (Prometheus text format, per pipeline).
+//! The worker's admin endpoint: `/healthz` (liveness: every pipeline makes progress),
+//! `/readyz` (readiness: false from the first shutdown signal on) and `/metrics` (Prometheus
+//! text format, per pipeline).
 //!
 //! A deliberately small HTTP/1.1 responder: probes and scrapers send one GET per connection.
 
@@ -25,6 +26,59 @@ pub struct AdminState {
     pub pipelines: Vec<(String, Arc<Stats>)>,
     /// False once shutdown began.
     pub ready: AtomicBool,
+    /// Progress of each pipeline, for liveness.
+    pub liveness: Liveness,
+}
+
+/// Liveness from progress (a heartbeat the pipelines give by deciding messages): a pipeline
+/// that holds messages but has acked or nacked none for its stall limit is stuck, and a
+/// restart (the held messages are redelivered) is the cure. An idle pipeline is alive.
+#[derive(Debug)]
+pub struct Liveness {
+    stall_after: Vec<Duration>,
+    /// Per pipeline: messages decided when last seen, and since when that count stands.
+    last: std::sync::Mutex<Vec<(u64, std::time::Instant)>>,
+}
+
+impl Liveness {
+    /// One stall limit per pipeline, in the order of [`AdminState::pipelines`]. The pipeline's
+    /// `max_lease` is a good one: past it, held messages are being redelivered anyway.
+    pub fn new(stall_after: Vec<Duration>) -> Self {
+        let now = std::time::Instant::now();
+        Liveness {
+            last: std::sync::Mutex::new(vec![(0, now); stall_after.len()]),
+            stall_after,
+        }
+    }
+
+    /// `Err` naming the first stuck pipeline, as seen at `now`.
+    pub fn check(
+        &self,
+        pipelines: &[(String, Arc<Stats>)],
+        now: std::time::Instant,
+    ) -> Result<(), String> {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (i, (name, stats)) in pipelines.iter().enumerate() {
+            let (Some(limit), Some(seen)) = (self.stall_after.get(i), last.get_mut(i)) else {
+                continue;
+            };
+            let s = stats.snapshot();
+            let decided = s.acked + s.nacked;
+            if s.outstanding == 0 || decided != seen.0 {
+                *seen = (decided, now);
+            } else if now.duration_since(seen.1) > *limit {
+                return Err(format!(
+                    "pipeline {name}: holding {} messages, none acked or nacked for {:?}",
+                    s.outstanding,
+                    now.duration_since(seen.1)
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Binds `listen` and serves until the process ends. Returns the bound address.
@@ -80,7 +134,16 @@ async fn answer(mut conn: tokio::net::TcpStream, state: &AdminState) -> std::io:
 fn route(path: &str, state: &AdminState) -> (&'static str, &'static str, String) {
     let text = "text/plain; charset=utf-8";
     match path {
-        "/healthz" => ("200 OK", text, "ok\n".into()),
+        "/healthz" => match state
+            .liveness
+            .check(&state.pipelines, std::time::Instant::now())
+        {
+            Ok(()) => ("200 OK", text, "ok\n".into()),
+            Err(why) => {
+                warn!(reason = %why, "liveness check failed");
+                ("503 Service Unavailable", text, format!("{why}\n"))
+            }
+        },
         "/readyz" if state.ready.load(Ordering::Relaxed) => ("200 OK", text, "ready\n".into()),
         "/readyz" => ("503 Service Unavailable", text, "shutting down\n".into()),
         "/metrics" => (
@@ -306,11 +369,42 @@ mod tests {
         assert!(seen >= 10, "{seen}");
     }
 
+    #[test]
+    fn a_pipeline_holding_messages_without_progress_is_not_live() {
+        use std::time::Instant;
+        let stats = Arc::new(Stats::default());
+        let pipelines = vec![("http".to_string(), Arc::clone(&stats))];
+        let live = Liveness::new(vec![Duration::from_secs(600)]);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Idle for an hour: alive.
+        assert!(live.check(&pipelines, at(3600)).is_ok());
+        // Holding, deciding now and then: alive.
+        stats.hold(10);
+        assert!(live.check(&pipelines, at(3601)).is_ok());
+        stats.add(&stats.acked, 1);
+        assert!(live.check(&pipelines, at(4000)).is_ok());
+        assert!(live.check(&pipelines, at(4500)).is_ok());
+        // Holding, nothing decided for more than the limit: stuck.
+        let e = live.check(&pipelines, at(4601)).unwrap_err();
+        assert!(
+            e.contains("pipeline http") && e.contains("holding 1"),
+            "{e}"
+        );
+        // A nack is progress too.
+        stats.add(&stats.nacked, 1);
+        assert!(live.check(&pipelines, at(4602)).is_ok());
+        // Nothing held any more: alive however long it stays so.
+        stats.release(10);
+        assert!(live.check(&pipelines, at(99_999)).is_ok());
+    }
+
     #[tokio::test]
     async fn readiness_turns_false_on_shutdown() {
         let state = Arc::new(AdminState {
             pipelines: Vec::new(),
             ready: AtomicBool::new(true),
+            liveness: Liveness::new(Vec::new()),
         });
         let addr = serve("127.0.0.1:0", Arc::clone(&state)).await.unwrap();
         let get = |path: &'static str| async move {

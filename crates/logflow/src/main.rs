@@ -450,10 +450,16 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
     let clients = worker::Clients::connect(&cfg, &endpoints).await?;
     let shutdown = CancellationToken::new();
     let admin_listen = cfg.admin_listen.clone();
+    let stall_after = cfg
+        .pipelines
+        .iter()
+        .map(|p| p.flow_control.max_lease)
+        .collect();
     let mut running = worker::start(cfg, clients, shutdown.clone()).await?;
     let admin = Arc::new(logflow::admin::AdminState {
         pipelines: running.stats.clone(),
         ready: std::sync::atomic::AtomicBool::new(true),
+        liveness: logflow::admin::Liveness::new(stall_after),
     });
     logflow::admin::serve(&admin_listen, Arc::clone(&admin)).await?;
     tokio::select! {
