@@ -155,7 +155,8 @@ def main():
             f"| messages (malformed) | {e['messages']:,} ({e['malformed']:,}) |",
             f"| payload | {e['payload_bytes'] / 1e6:.0f} MB, {e['mean_payload_bytes']:.0f} B per message on average |",
             f"| worker CPU (user + system) | {e['worker_cpu_user_seconds']:.1f} s + {e['worker_cpu_system_seconds']:.1f} s |",
-            f"| **worker CPU per message** | **{e['worker_cpu_us_per_message']:.1f} µs** |",
+            f"| **worker CPU per message** | **{e['worker_cpu_us_per_message']:.1f} µs** per published message; "
+            f"{(e['worker_cpu_user_seconds'] + e['worker_cpu_system_seconds']) * 1e6 / max(e['received'], 1):.1f} µs per delivery received ({e['received']:,}, redeliveries included) |",
             f"| **payload per worker CPU-second** | **{e['payload_mb_per_cpu_second']:.1f} MB/s** |",
             f"| **worker peak RSS** | **{e['worker_peak_rss_mib']:.0f} MiB** |",
             f"| worker heap allocations per message | {allocs_e2e:.1f} |" if allocs_e2e is not None

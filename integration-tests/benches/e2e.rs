@@ -174,9 +174,13 @@ async fn main() -> anyhow::Result<()> {
         malformed.len()
     );
 
-    // The worker, with default batching and flow control.
+    // The worker, with default batching and flow control. One change: a 10-minute lease
+    // extension (the stream ack deadline). The emulator ignores the flow-control limits the
+    // client forwards and keeps pushing messages into streams the worker is not reading while
+    // its budget is full; with the default 15 s deadline those expire unread and come back, a
+    // churn that real Pub/Sub (which honours the limits) does not have.
     let yaml = format!(
-        "project: {project}\nschemas: {{ proto_dirs: [\"{schemas}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: bench\n    subscription: {subscription}\n    message_type: {ty}\n    type_attribute: logflow-type\n    streams: {streams}\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\" }}\n    archive: {{ bucket: {raw} }}\n    dead_letter: {{ bucket: {dlq} }}\n",
+        "project: {project}\nschemas: {{ proto_dirs: [\"{schemas}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: bench\n    subscription: {subscription}\n    message_type: {ty}\n    type_attribute: logflow-type\n    streams: {streams}\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\" }}\n    archive: {{ bucket: {raw} }}\n    dead_letter: {{ bucket: {dlq} }}\n    flow_control: {{ lease_extension: 10m }}\n",
         project = emu.project,
         schemas = schemas_dir().display(),
         ty = TYPES[0],
@@ -318,6 +322,9 @@ async fn main() -> anyhow::Result<()> {
     let archived_ids = acc.archived;
     let rows_distinct = acc.rows_distinct;
 
+    // The emulator keeps messages in memory: leave nothing behind for the next run.
+    emu.delete_topic_and_subscription(&topic, &subscription)
+        .await?;
     let cpu = user + system;
     let results = serde_json::json!({
         "messages": n,

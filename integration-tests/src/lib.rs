@@ -97,6 +97,27 @@ impl Emulators {
         Ok(format!("projects/{}/topics/{topic}", self.project))
     }
 
+    /// Deletes a subscription and its topic (the emulator keeps every message in memory).
+    pub async fn delete_topic_and_subscription(
+        &self,
+        topic: &str,
+        subscription: &str,
+    ) -> anyhow::Result<()> {
+        let base = self.pubsub();
+        self.call(
+            self.http
+                .delete(format!("{base}/subscriptions/{subscription}")),
+            "delete subscription",
+        )
+        .await?;
+        self.call(
+            self.http.delete(format!("{base}/topics/{topic}")),
+            "delete topic",
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Messages a pull can get right now from `subscription` (they are not acked).
     pub async fn pullable(&self, subscription: &str) -> anyhow::Result<usize> {
         let url = format!("{}/subscriptions/{subscription}:pull", self.pubsub());

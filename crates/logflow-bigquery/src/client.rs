@@ -366,6 +366,15 @@ impl BigQuery {
         }
     }
 
+    /// Whether `dataset` exists in the project (`Err` when BigQuery cannot be asked).
+    pub async fn dataset_exists(&self, dataset: &str) -> Result<bool, BqError> {
+        let url = format!(
+            "{}/projects/{}/datasets/{dataset}",
+            self.base, self.options.project
+        );
+        Ok(self.get_json(&url, dataset).await?.is_some())
+    }
+
     /// GETs a resource: `None` on 404, else its etag and body.
     async fn get_json(
         &self,

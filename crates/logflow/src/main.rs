@@ -36,10 +36,15 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a configuration offline: parse it, compile the schemas, map every type.
+    /// Validate a configuration without running: parse it, compile the schemas, map every
+    /// type, and check that every bucket and dataset exists and can be reached.
     CheckConfig {
         /// The YAML configuration.
         config: PathBuf,
+        /// Skip the checks that need GCS and BigQuery (schemas and types only; `gs://` schema
+        /// sources are still read).
+        #[arg(long)]
+        offline: bool,
     },
     /// Publish realistic sample messages (and some malformed ones) to a topic.
     Publish {
@@ -251,21 +256,28 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => run(config).await,
-        Command::CheckConfig { config } => {
+        Command::CheckConfig { config, offline } => {
             let cfg = Config::load(&config)?;
             let schemas = &cfg.schemas;
+            let endpoints = Endpoints::from_env();
             let gcs = if schemas
                 .proto_dirs
                 .iter()
                 .chain(&schemas.descriptor_sets)
                 .any(|l| logflow::config::is_gcs_location(l))
             {
-                Some(worker::Clients::connect_gcs(&cfg, &Endpoints::from_env()).await?)
+                Some(worker::Clients::connect_gcs(&cfg, &endpoints).await?)
             } else {
                 None
             };
             for line in worker::check_config(&cfg, gcs.as_ref()).await? {
                 println!("{line}");
+            }
+            if !offline {
+                let clients = worker::Clients::connect(&cfg, &endpoints).await?;
+                for line in worker::check_destinations(&cfg, &clients).await? {
+                    println!("{line}");
+                }
             }
             println!("{}: ok", config.display());
             Ok(ExitCode::SUCCESS)

@@ -108,6 +108,69 @@ pub async fn check_config(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Vec
     Ok(lines)
 }
 
+/// What a failed bucket check means for an operator: the bucket is missing, not ours to use,
+/// or GCS cannot be reached at all.
+pub fn explain_bucket_error(field: &str, bucket: &str, e: &logflow_gcs::GcsError) -> String {
+    use logflow_gcs::GcsError;
+    match e {
+        GcsError::Http { status: 404, .. } => format!(
+            "{field}: bucket `{bucket}` does not exist: create it (`gcloud storage buckets create gs://{bucket}`) or fix the name"
+        ),
+        GcsError::Http {
+            status: 401 | 403, ..
+        } => format!(
+            "{field}: no access to bucket `{bucket}`: grant the worker's service account roles/storage.objectCreator on it ({e})"
+        ),
+        GcsError::Transport { .. } => format!(
+            "{field}: cannot reach GCS to check bucket `{bucket}`: {e} (check the network, or STORAGE_EMULATOR_HOST)"
+        ),
+        other => format!("{field}: bucket `{bucket}` is not usable: {other}"),
+    }
+}
+
+/// Checks, without pulling or creating anything, that every destination of every pipeline
+/// exists and can be reached: buckets and datasets. Returns one line per pipeline; the first
+/// problem is an error naming the field and the fix.
+pub async fn check_destinations(cfg: &Config, clients: &Clients) -> anyhow::Result<Vec<String>> {
+    let mut lines = Vec::new();
+    for (i, p) in cfg.pipelines.iter().enumerate() {
+        let at = format!("pipelines[{i}] ({})", p.name);
+        let parsed = p.parsed.as_ref().map(|x| ("parsed.bucket", &x.bucket));
+        for (field, bucket) in [
+            ("archive.bucket", &p.archive.bucket),
+            ("dead_letter.bucket", &p.dead_letter.bucket),
+        ]
+        .into_iter()
+        .chain(parsed)
+        {
+            if let Err(e) = clients.gcs.check_bucket(bucket).await {
+                anyhow::bail!(
+                    "{}",
+                    explain_bucket_error(&format!("{at}.{field}"), bucket, &e)
+                );
+            }
+        }
+        let dataset = &p.bigquery.dataset;
+        match clients.bq.dataset_exists(dataset).await {
+            Ok(true) => {}
+            Ok(false) => anyhow::bail!(
+                "{at}.bigquery.dataset: dataset `{dataset}` does not exist in project {}: create it (`bq mk --dataset {}:{dataset}`) or fix the name",
+                cfg.project,
+                cfg.project
+            ),
+            Err(e @ logflow_bigquery::BqError::Transport { .. }) => anyhow::bail!(
+                "{at}.bigquery.dataset: cannot reach BigQuery to check dataset `{dataset}`: {e} (check the network, or BIGQUERY_EMULATOR_HOST)"
+            ),
+            Err(e) => anyhow::bail!("{at}.bigquery.dataset: cannot check dataset `{dataset}`: {e}"),
+        }
+        lines.push(format!(
+            "pipeline {}: buckets and dataset `{dataset}` reachable",
+            p.name
+        ));
+    }
+    Ok(lines)
+}
+
 /// A unique identity for this process: `LOGFLOW_WORKER_ID`, else the pod/host name, plus a
 /// random suffix so that a restarted pod never reuses an object name.
 pub fn worker_id() -> String {
@@ -311,11 +374,12 @@ pub async fn prepare(
     .into_iter()
     .chain(parsed_bucket)
     {
-        clients
-            .gcs
-            .check_bucket(bucket)
-            .await
-            .with_context(|| format!("{at}.{field}: bucket `{bucket}` is not usable (create it, and grant the worker roles/storage.objectCreator)"))?;
+        if let Err(e) = clients.gcs.check_bucket(bucket).await {
+            anyhow::bail!(
+                "{}",
+                explain_bucket_error(&format!("{at}.{field}"), bucket, &e)
+            );
+        }
     }
     let ctx = StageContext {
         pipeline: p.name.clone(),

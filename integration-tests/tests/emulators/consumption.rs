@@ -156,7 +156,7 @@ async fn two_workers_share_a_subscription_without_loss_or_collision() {
     );
 }
 
-fn logflow_binary() -> PathBuf {
+pub(crate) fn logflow_binary() -> PathBuf {
     let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/logflow");
     assert!(
         bin.exists(),

@@ -805,3 +805,107 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `logflow check-config` on a table of mistakes: each gives one error line naming the field or
+/// resource and the fix, and a correct config passes (its destinations exist and answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_names_each_mistake_and_its_fix() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let stream = Stream {
+        pipeline: "t".into(),
+        subscription: "unused".into(),
+        table: "t".into(),
+        message_type: "acme.http.v1.HttpAccessLog".into(),
+        published: HashMap::new(),
+    };
+    let good = config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]);
+    let check = |yaml: &str, env: &[(&str, &str)]| {
+        let dir = std::env::temp_dir().join(unique("logflow-check"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let out = std::process::Command::new(crate::consumption::logflow_binary())
+            .arg("check-config")
+            .arg(&path)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = check(&good, &[]);
+    assert!(ok, "{err}");
+    // (config, environment, what the error must say)
+    type Case<'a> = (String, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
+        (
+            good.replace("table: t,", "table: t, tabel: x,"),
+            vec![],
+            vec!["pipelines[0].bigquery", "unknown field `tabel`"],
+        ),
+        (
+            good.replace("    subscription: unused\n", ""),
+            vec![],
+            vec!["pipelines[0]", "missing field `subscription`"],
+        ),
+        (
+            good.replace("max_age: 500ms", "max_age: soon"),
+            vec![],
+            vec!["pipelines[0].bigquery.batch.max_age"],
+        ),
+        (
+            good.replace("HttpAccessLog", "HttpAccesLog"),
+            vec![],
+            vec![
+                "pipelines[0].message_type",
+                "acme.http.v1.HttpAccesLog",
+                "known types include",
+                "acme.http.v1.HttpAccessLog",
+            ],
+        ),
+        (
+            good.replace(
+                &format!("archive: {{ bucket: {raw}"),
+                "archive: { bucket: no-such-bucket-x",
+            ),
+            vec![],
+            vec![
+                "pipelines[0] (t).archive.bucket",
+                "no-such-bucket-x",
+                "does not exist",
+                "gcloud storage buckets create",
+            ],
+        ),
+        (
+            good.replace(&format!("dataset: {dataset}"), "dataset: no_such_dataset"),
+            vec![],
+            vec![
+                "pipelines[0] (t).bigquery.dataset",
+                "no_such_dataset",
+                "does not exist",
+                "bq mk --dataset",
+            ],
+        ),
+        (
+            good.clone(),
+            vec![("STORAGE_EMULATOR_HOST", "127.0.0.1:9")],
+            vec![
+                "pipelines[0] (t).archive.bucket",
+                "cannot reach GCS",
+                "STORAGE_EMULATOR_HOST",
+            ],
+        ),
+    ];
+    for (yaml, env, needles) in cases {
+        let (ok, err) = check(&yaml, &env);
+        assert!(!ok, "accepted a broken config:\n{yaml}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(errors.len(), 1, "one error line expected:\n{err}");
+        for n in needles {
+            assert!(errors[0].contains(n), "`{n}` missing from: {}", errors[0]);
+        }
+    }
+}
