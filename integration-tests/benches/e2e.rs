@@ -125,9 +125,7 @@ async fn main() -> anyhow::Result<()> {
     emu.bucket(&raw).await?;
     emu.bucket(&dlq).await?;
     emu.dataset(&dataset).await?;
-    let topic = unique("bench");
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu.topic_and_subscription(&topic, &subscription).await?;
+    let (topic, subscription, topic_path) = emu.fresh_topic("bench").await?;
     let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()])?;
     let publisher =
         logflow::publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref()).await?;

@@ -97,6 +97,15 @@ impl Emulators {
         Ok(format!("projects/{}/topics/{topic}", self.project))
     }
 
+    /// A fresh topic `{prefix}-…` and its subscription `{topic}-sub`: (topic id, subscription
+    /// id, topic path).
+    pub async fn fresh_topic(&self, prefix: &str) -> anyhow::Result<(String, String, String)> {
+        let topic = unique(prefix);
+        let subscription = format!("{topic}-sub");
+        let path = self.topic_and_subscription(&topic, &subscription).await?;
+        Ok((topic, subscription, path))
+    }
+
     /// Deletes a subscription and its topic (the emulator keeps every message in memory).
     pub async fn delete_topic_and_subscription(
         &self,

@@ -115,12 +115,7 @@ pub(crate) async fn published_stream(
     n: usize,
     seed: u64,
 ) -> Stream {
-    let topic = unique(prefix);
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu
-        .topic_and_subscription(&topic, &subscription)
-        .await
-        .unwrap();
+    let (_, subscription, topic_path) = emu.fresh_topic(prefix).await.unwrap();
     let published = publish_samples(emu, &topic_path, message_type, n, seed).await;
     Stream {
         pipeline: pipeline.into(),

@@ -290,11 +290,7 @@ async fn sigterm_flushes_acks_and_exits_zero_leaving_nothing_durable_unacked() {
         "exit status {status}; log:\n{}",
         lines.join("\n")
     );
-    assert!(
-        !lines.iter().any(|l| l.contains("panicked")),
-        "{}",
-        lines.join("\n")
-    );
+    assert_no_panic(&lines);
 
     // What the first worker made durable must not come back: a second worker drains the rest.
     let first: BTreeSet<String> = archived(&clients, &s.raw, &s.stream.subscription)
@@ -351,14 +347,7 @@ async fn the_worker_never_holds_more_than_its_flow_control_allows() {
     // Completion is judged on the outputs, not the ack count: with a small budget the emulator
     // (which ignores flow control) lets messages wait past their deadline and redelivers them,
     // so acks include duplicates.
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    wait_complete(&s, &clients).await;
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    let snap = running.stats[0].1.snapshot();
+    let snap = drain_with_a_new_worker(cfg, &s, &clients).await;
     eprintln!("flow control: {snap:?}");
     assert!(
         snap.peak_outstanding <= 100,
@@ -423,13 +412,7 @@ async fn kill_9_mid_run_loses_nothing() {
     drop(log);
 
     // A new worker picks up whatever the killed one had not acked, after its leases lapse.
-    let shutdown = CancellationToken::new();
-    let second = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    wait_complete(&s, &clients).await;
-    shutdown.cancel();
-    second.done.await.unwrap().unwrap();
+    drain_with_a_new_worker(cfg, &s, &clients).await;
     let dups = assert_complete(&s, &clients).await;
     eprintln!("kill -9: nothing lost; {dups} messages archived twice (redelivered after the kill)");
 }
@@ -494,19 +477,9 @@ async fn a_second_signal_forces_exit_and_the_next_worker_gets_the_rest() {
         "{}",
         lines.join("\n")
     );
-    assert!(
-        !lines.iter().any(|l| l.contains("panicked")),
-        "{}",
-        lines.join("\n")
-    );
+    assert_no_panic(&lines);
     // Nothing is lost: a worker with a working BigQuery drains the rest.
-    let shutdown = CancellationToken::new();
-    let next = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    wait_complete(&s, &clients).await;
-    shutdown.cancel();
-    next.done.await.unwrap().unwrap();
+    drain_with_a_new_worker(cfg, &s, &clients).await;
     assert_complete(&s, &clients).await;
     assert!(bq.counts.faulted.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }
@@ -517,12 +490,7 @@ async fn a_second_signal_forces_exit_and_the_next_worker_gets_the_rest() {
 async fn idle_streams_are_reopened_and_keep_delivering() {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
-    let topic = unique("idle");
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu
-        .topic_and_subscription(&topic, &subscription)
-        .await
-        .unwrap();
+    let (_, subscription, topic_path) = emu.fresh_topic("idle").await.unwrap();
     let mut stream = Stream {
         pipeline: "idle".into(),
         subscription,
@@ -561,4 +529,30 @@ async fn idle_streams_are_reopened_and_keep_delivering() {
         stream,
     };
     assert_complete(&s, &clients).await;
+}
+
+/// The worker's log has no panic.
+fn assert_no_panic(lines: &[String]) {
+    assert!(
+        !lines.iter().any(|l| l.contains("panicked")),
+        "{}",
+        lines.join("\n")
+    );
+}
+
+/// Starts a worker on `cfg`, waits until the outputs hold every message of `s`, stops it;
+/// returns its first pipeline's counters.
+async fn drain_with_a_new_worker(
+    cfg: logflow::config::Config,
+    s: &Setup,
+    clients: &Clients,
+) -> logflow_core::stats::Snapshot {
+    let shutdown = CancellationToken::new();
+    let running = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    wait_complete(s, clients).await;
+    shutdown.cancel();
+    running.done.await.unwrap().unwrap();
+    running.stats[0].1.snapshot()
 }

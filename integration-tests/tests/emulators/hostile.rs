@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use logflow::publish;
 use logflow::samples::SampleGen;
 use logflow::worker::Clients;
-use logflow_integration_tests::{Emulators, schemas_dir, unique};
+use logflow_integration_tests::{Emulators, schemas_dir};
 use prost::Message as _;
 use prost_reflect::{DynamicMessage, Value};
 use rand::{Rng, SeedableRng};
@@ -46,12 +46,7 @@ type Item = (Vec<u8>, Vec<(String, String)>, Expect, &'static str);
 async fn ten_thousand_malformed_payloads_are_dead_lettered_by_class() {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
-    let topic = unique("hostile");
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu
-        .topic_and_subscription(&topic, &subscription)
-        .await
-        .unwrap();
+    let (_, subscription, topic_path) = emu.fresh_topic("hostile").await.unwrap();
     let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
     let mds: Vec<_> = TYPES.iter().map(|t| registry.message(t).unwrap()).collect();
     let mut rng = rand::rngs::StdRng::seed_from_u64(71);

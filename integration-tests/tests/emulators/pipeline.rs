@@ -490,12 +490,7 @@ async fn an_older_table_gains_the_new_columns() {
 async fn messages_name_their_type_and_get_a_table_each() {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
-    let topic = unique("mixed");
-    let subscription = format!("{topic}-sub");
-    let topic_path = emu
-        .topic_and_subscription(&topic, &subscription)
-        .await
-        .unwrap();
+    let (_, subscription, topic_path) = emu.fresh_topic("mixed").await.unwrap();
     let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
     let now = logflow_core::time::now_micros() / 1_000_000;
     let mut items = Vec::new();
