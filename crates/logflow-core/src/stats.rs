@@ -46,6 +46,8 @@ pub struct Stats {
     pub insert_flush: Histogram,
     /// Time to write one dead-letter object, retries included.
     pub dead_letter_flush: Histogram,
+    /// Dead letters written, by error class (a small, bounded set of static names).
+    dead_letter_classes: std::sync::Mutex<Vec<(&'static str, u64)>>,
     waiters: AtomicUsize,
     changed: Notify,
 }
@@ -157,6 +159,30 @@ impl Stats {
                 self.changed.notify_waiters();
             }
         }
+    }
+
+    /// Counts `n` dead letters of error class `class` (call once per written object and
+    /// class; [`Stats::dead_lettered`] is counted apart).
+    pub fn add_dead_letters(&self, class: &'static str, n: u64) {
+        let mut classes = self
+            .dead_letter_classes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match classes.iter_mut().find(|(c, _)| *c == class) {
+            Some((_, count)) => *count += n,
+            None => classes.push((class, n)),
+        }
+    }
+
+    /// Dead letters written so far, by error class, sorted by class.
+    pub fn dead_letters_by_class(&self) -> Vec<(&'static str, u64)> {
+        let mut v = self
+            .dead_letter_classes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        v.sort_unstable();
+        v
     }
 
     /// A message of `bytes` is now held (received, undecided).

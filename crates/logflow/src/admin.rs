@@ -255,6 +255,17 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
             out.push_str(&format!("{name}{{pipeline=\"{pipeline}\"}} {}\n", get(s)));
         }
     }
+    let name = "logflow_deadletter_messages_by_class_total";
+    out.push_str(&format!(
+        "# HELP {name} Dead letters written, by error class.\n# TYPE {name} counter\n"
+    ));
+    for (pipeline, stats) in pipelines {
+        for (class, n) in stats.dead_letters_by_class() {
+            out.push_str(&format!(
+                "{name}{{pipeline=\"{pipeline}\",class=\"{class}\"}} {n}\n"
+            ));
+        }
+    }
     type Hist = fn(&Stats) -> &logflow_core::stats::Histogram;
     let histograms: [(&str, &str, Hist); 4] = [
         (
@@ -311,6 +322,9 @@ mod tests {
         a.add(&a.received, 3);
         a.hold(100);
         a.ack_lag.observe_micros(1_500_000);
+        a.add_dead_letters("invalid_protobuf", 2);
+        a.add_dead_letters("unknown_message_type", 1);
+        a.add_dead_letters("invalid_protobuf", 3);
         let text = render_metrics(&[
             ("http".into(), a),
             ("auth".into(), Arc::new(Stats::default())),
@@ -321,6 +335,12 @@ mod tests {
         assert!(text.contains("logflow_source_outstanding_messages{pipeline=\"http\"} 1\n"));
         assert!(text.contains("logflow_source_outstanding_bytes{pipeline=\"http\"} 100\n"));
         assert!(text.contains("# TYPE logflow_source_ack_lag_seconds histogram"));
+        assert!(text.contains(
+            "logflow_deadletter_messages_by_class_total{pipeline=\"http\",class=\"invalid_protobuf\"} 5\n"
+        ));
+        assert!(text.contains(
+            "logflow_deadletter_messages_by_class_total{pipeline=\"http\",class=\"unknown_message_type\"} 1\n"
+        ));
         assert!(
             text.contains("logflow_source_ack_lag_seconds_bucket{pipeline=\"http\",le=\"1\"} 0\n")
         );

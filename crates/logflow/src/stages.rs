@@ -403,6 +403,12 @@ pub async fn dead_letter_stage(
             ctx.stats.dead_letter_flush.observe_since(started);
             match written {
                 Ok(()) => {
+                    let mut classes: Vec<&'static str> =
+                        group.iter().map(|d| d.failure.error_class).collect();
+                    classes.sort_unstable();
+                    for run in classes.chunk_by(|a, b| a == b) {
+                        ctx.stats.add_dead_letters(run[0], run.len() as u64);
+                    }
                     ctx.stats.add(&ctx.stats.dead_lettered, n as u64);
                     group.into_iter().for_each(|d| d.env.ack.complete());
                 }

@@ -250,6 +250,26 @@ async fn ten_thousand_malformed_payloads_are_dead_lettered_by_class() {
     );
     assert_eq!(dead.len(), malformed);
     assert_eq!(rows.len(), expect.len() - malformed);
+    // The dead-letter metric by class counts at least what was published of each class
+    // (a redelivered message may be dead-lettered twice), and no other class.
+    let mut published: BTreeMap<&str, u64> = BTreeMap::new();
+    for (e, _) in expect.values() {
+        if let Expect::Dead(class) = e {
+            *published.entry(*class).or_default() += 1;
+        }
+    }
+    let counted = stats.dead_letters_by_class();
+    assert_eq!(
+        counted.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+        published.keys().copied().collect::<Vec<_>>()
+    );
+    for (class, n) in counted {
+        assert!(
+            n >= published[class],
+            "{class}: counted {n}, published {}",
+            published[class]
+        );
+    }
 }
 
 /// Dead letters (message id → error class) and BigQuery row ids, as written so far.
