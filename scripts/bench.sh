@@ -29,7 +29,8 @@ status="$(scripts/emulators.sh status)"
 if [[ "$status" != *"pubsub: running"* ]]; then
   started_here=1
   trap 'scripts/emulators.sh stop' EXIT
-  scripts/emulators.sh start
+  # The Pub/Sub emulator keeps the whole backlog on its Java heap: ~2 GiB per 500k messages.
+  LOGFLOW_PUBSUB_JAVA_OPTS="${LOGFLOW_PUBSUB_JAVA_OPTS:--Xmx8g}" scripts/emulators.sh start
 fi
 eval "$(scripts/emulators.sh env)"
 cargo bench --locked -p logflow-integration-tests --features emulator-tests --bench e2e
