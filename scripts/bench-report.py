@@ -96,8 +96,9 @@ def main():
         "by hand, edit `scripts/benchmarks-notes.md` for the notes at the end.",
         "",
         f"- machine: {machine()}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- commit: {commit()}",
+        f"- written: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
+        f"at commit {commit()}, from criterion's latest results and the latest end-to-end run "
+        "(its commit is given with it)",
         "",
         "## Transcoding: protobuf payload → BigQuery insertAll row JSON",
         "",
@@ -141,7 +142,12 @@ def main():
         emu = e.get("emulator_cpu_seconds", {})
         emu_s = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(emu.items()))
         allocs_e2e = e.get("worker_allocations_per_message")
+        when = e.get("date") or (
+            datetime.datetime.fromtimestamp(e["unix_time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            if e.get("unix_time") else "unknown date")
         lines += [
+            f"Measured at commit {e.get('commit') or 'unknown'}, {when}.",
+            "",
             "`integration-tests/benches/e2e.rs`: a backlog published to the Pub/Sub emulator, drained",
             "by the release `logflow run` binary (default batching and flow control, "
             f"{e['streams']} streams, one",

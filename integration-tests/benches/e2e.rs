@@ -324,7 +324,18 @@ async fn main() -> anyhow::Result<()> {
     emu.delete_topic_and_subscription(&topic, &subscription)
         .await?;
     let cpu = user + system;
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(repo())
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let results = serde_json::json!({
+        "commit": commit,
+        "unix_time": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         "messages": n,
         "malformed": malformed.len(),
         "payload_bytes": payload_bytes,
