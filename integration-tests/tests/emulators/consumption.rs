@@ -266,13 +266,7 @@ async fn sigterm_flushes_acks_and_exits_zero_leaving_nothing_durable_unacked() {
         .expect("the received counter is exported");
     assert!(received > 0, "{metrics}");
     let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    send_signal("-TERM", &pid);
     let stopped_at = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -416,13 +410,7 @@ async fn kill_9_at_five_random_points_loses_nothing() {
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..4_000))).await;
         let pid = child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-KILL", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        send_signal("-KILL", &pid);
         child.wait().unwrap();
         assert_no_panic(&log.join().unwrap());
     }
@@ -460,15 +448,7 @@ async fn a_second_signal_forces_exit_and_the_next_worker_gets_the_rest() {
     bq.set(Fault::Hang);
     wait_first_archive(&s, &clients).await;
     let pid = child.id().to_string();
-    let term = || {
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        )
-    };
+    let term = || send_signal("-TERM", &pid);
     term();
     // The first signal is taken once the worker reports itself not ready.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -573,4 +553,16 @@ async fn drain_with_a_new_worker(
     shutdown.cancel();
     running.done.await.unwrap().unwrap();
     running.stats[0].1.snapshot()
+}
+
+/// Sends `signal` (`-TERM`, `-KILL`) to the worker process `pid` (one this test started).
+fn send_signal(signal: &str, pid: &str) {
+    assert!(
+        Command::new("kill")
+            .args([signal, pid])
+            .status()
+            .unwrap()
+            .success(),
+        "kill {signal} {pid}"
+    );
 }
