@@ -200,6 +200,10 @@ impl PubsubSource {
     ) -> (Result<(), SourceError>, Vec<ShutdownToken>) {
         let o = &self.options;
         let mut failures = 0u32;
+        // The watchdog's period doubles with each idle re-open (up to 8×) and resets when a
+        // message arrives: re-opening faster than a slow server delivers would churn, as a
+        // cancelled stream keeps the messages assigned to it until their deadline.
+        let mut idle = o.idle_reopen;
         let mut tokens = Vec::new();
         let result = 'streams: loop {
             // Pub/Sub applies these limits per stream: each stream asks for its share of the
@@ -224,11 +228,12 @@ impl PubsubSource {
                 };
                 let next = tokio::select! {
                     _ = stop.cancelled() => break 'streams Ok(()),
-                    n = tokio::time::timeout(o.idle_reopen, stream.next()) => match n {
+                    n = tokio::time::timeout(idle, stream.next()) => match n {
                         Ok(n) => n,
                         Err(_) => {
                             stats.add(&stats.stream_reopens, 1);
-                            info!(subscription = %o.subscription, stream = index, idle = ?o.idle_reopen, "no message for a while, re-opening the stream");
+                            info!(subscription = %o.subscription, stream = index, idle = ?idle, "no message for a while, re-opening the stream");
+                            idle = (idle * 2).min(o.idle_reopen * 8);
                             continue 'streams;
                         }
                     },
@@ -264,6 +269,7 @@ impl PubsubSource {
                     }
                 };
                 failures = 0;
+                idle = o.idle_reopen;
                 let size = msg.data.len()
                     + msg
                         .attributes
