@@ -75,6 +75,20 @@ def allocations():
     return out
 
 
+def ratios():
+    """Compression ratios printed by the sinks benchmark: name -> "2.70x smaller"."""
+    out = {}
+    try:
+        with open(os.path.join(OUT, "criterion.txt")) as f:
+            for line in f:
+                m = re.match(r"archive (\S+): .*\(([0-9.]+x) smaller\)", line.strip())
+                if m:
+                    out[m.group(1)] = f"{m.group(2)} smaller than the payload"
+    except OSError:
+        pass
+    return out
+
+
 def row(group, name, label, messages, allocs=None):
     e = estimate(group, name)
     if e is None:
@@ -82,12 +96,14 @@ def row(group, name, label, messages, allocs=None):
     ns, tp = e
     mibs = tp / MIB / (ns / 1e9) if tp else 0
     per = ns / 1000 / messages
-    a = "" if allocs is None else f"{allocs:.2f}"
+    a = "" if allocs is None else allocs if isinstance(allocs, str) else f"{allocs:.2f}"
     return f"| {label} | {mibs:.0f} MiB/s ({mibs * MIB / 1e6:.0f} MB/s) | {per:.2f} µs | {a} |"
 
 
 def main():
     allocs = allocations()
+    sizes = ratios()
+    a = "archive_parquet_zstd3_25000_msgs"
     t = "transcode_sample_mix_3000_msgs"
     lines = [
         "# Benchmarks",
@@ -122,10 +138,14 @@ def main():
         "",
         "`crates/logflow/benches/sinks.rs`, on the same mix. Throughput in protobuf payload bytes.",
         "",
-        "| work | throughput | per message | |",
+        "| work | throughput | per message | object size |",
         "|---|---|---|---|",
-        row("archive_parquet_zstd3_25000_msgs", "encode",
-            "raw-archive object: 25,000 records → Parquet, zstd level 3", 25000),
+        row(a, "encode", "raw-archive object: 25,000 records → Parquet, zstd level 3 (default)",
+            25000, sizes.get("encode")),
+        row(a, "encode_zstd1", "the same, `archive.zstd_level: 1`", 25000,
+            sizes.get("encode_zstd1")),
+        row(a, "encode_ndjson_zst", "the same, `archive.format: ndjson_zst` (base64 payloads), level 3",
+            25000, sizes.get("encode_ndjson_zst")),
         row("insert_all_body_500_rows", "build",
             "insertAll request body from 500 pre-serialised rows", 500),
         "",

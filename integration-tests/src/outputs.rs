@@ -1,6 +1,7 @@
-//! Reading back what a worker wrote: the message ids in raw-archive and dead-letter objects.
+//! Reading back what a worker wrote: the message ids in raw-archive and dead-letter objects
+//! (and the dead letters' error classes).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use logflow_gcs::{Gcs, archive, deadletter};
 
@@ -27,10 +28,22 @@ pub async fn dead_letter_ids(
     bucket: &str,
     prefix: &str,
 ) -> anyhow::Result<BTreeSet<String>> {
-    let mut out = BTreeSet::new();
+    Ok(dead_letter_classes(gcs, bucket, prefix)
+        .await?
+        .into_keys()
+        .collect())
+}
+
+/// Message id → error class of every dead-letter record under `prefix`.
+pub async fn dead_letter_classes(
+    gcs: &Gcs,
+    bucket: &str,
+    prefix: &str,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
     for obj in gcs.list(bucket, prefix).await? {
         for line in deadletter::decode(&gcs.get(bucket, &obj.name).await?)? {
-            out.insert(line.message_id);
+            out.insert(line.message_id, line.error_class);
         }
     }
     Ok(out)

@@ -1,6 +1,15 @@
-//! The raw archive format: one Parquet object (zstd) per batch, one row per message, with the
-//! exact payload bytes. Columns: `message_id`, `publish_time` (timestamp µs UTC), `attributes`
-//! (map<string,string>), `ordering_key`, `subscription`, `delivery_attempt`, `data` (binary).
+//! The raw archive formats. Every object holds one batch, one record per message, with the
+//! exact payload bytes and its metadata: `message_id`, `publish_time` (µs UTC), `attributes`,
+//! `ordering_key`, `subscription`, `delivery_attempt`, `data`.
+//!
+//! - [`ArchiveFormat::Parquet`] (the default): one zstd-compressed Parquet file, `publish_time`
+//!   a UTC timestamp, `attributes` a map<string,string>, `data` binary. Readable by BigQuery
+//!   external tables, DuckDB and Spark without a schema file.
+//! - [`ArchiveFormat::NdjsonZst`]: one zstd frame of JSON Lines (`publish_time` RFC 3339,
+//!   `data` standard base64), for teams that grep: `zstdcat OBJECT | grep ...`.
+//!
+//! [`decode`] reads both, telling them apart by their first bytes, so readers (replay, tests)
+//! need not know which format a pipeline used.
 
 use std::sync::Arc;
 
@@ -14,14 +23,67 @@ use logflow_core::Record;
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use serde::ser::SerializeMap as _;
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::error::GcsError;
 
-/// Content type of archive objects.
+/// Content type of Parquet objects.
 pub const CONTENT_TYPE: &str = "application/vnd.apache.parquet";
-/// File extension of archive objects.
+/// File extension of Parquet objects.
 pub const EXTENSION: &str = "parquet";
+/// File extension of `ndjson.zst` archive objects.
+pub const NDJSON_ZST_EXTENSION: &str = "ndjson.zst";
+const PARQUET_MAGIC: &[u8] = b"PAR1";
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+
+/// The format of raw-archive objects.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchiveFormat {
+    /// zstd-compressed Parquet (queryable in place).
+    #[default]
+    Parquet,
+    /// zstd-compressed JSON Lines (greppable).
+    NdjsonZst,
+}
+
+impl ArchiveFormat {
+    /// File extension of its objects (without the dot).
+    pub fn extension(self) -> &'static str {
+        match self {
+            ArchiveFormat::Parquet => EXTENSION,
+            ArchiveFormat::NdjsonZst => NDJSON_ZST_EXTENSION,
+        }
+    }
+
+    /// Content type of its objects.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ArchiveFormat::Parquet => CONTENT_TYPE,
+            ArchiveFormat::NdjsonZst => "application/zstd",
+        }
+    }
+
+    /// Encodes a batch in this format at zstd `level`. CPU-bound: call from a blocking task.
+    pub fn encode<'a>(
+        self,
+        records: impl ExactSizeIterator<Item = &'a Record> + Clone,
+        subscription: &str,
+        level: i32,
+    ) -> Result<Bytes, GcsError> {
+        match self {
+            ArchiveFormat::Parquet => encode_parquet(records, subscription, level),
+            ArchiveFormat::NdjsonZst => encode_ndjson_zst(records, subscription, level),
+        }
+    }
+}
+
+/// True if `name` is a raw-archive object name of either format.
+pub fn is_archive_object(name: &str) -> bool {
+    name.ends_with(".parquet") || name.ends_with(".ndjson.zst")
+}
 
 /// The Arrow schema of archive files.
 pub fn schema() -> SchemaRef {
@@ -56,9 +118,10 @@ pub fn schema() -> SchemaRef {
 }
 
 /// Encodes a batch of records as one Parquet file. CPU-bound: call from a blocking task.
-pub fn encode<'a>(
+pub fn encode_parquet<'a>(
     records: impl ExactSizeIterator<Item = &'a Record> + Clone,
     subscription: &str,
+    level: i32,
 ) -> Result<Bytes, GcsError> {
     let n = records.len();
     let data_bytes: usize = records.clone().map(|r| r.data.len()).sum();
@@ -104,22 +167,28 @@ pub fn encode<'a>(
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns)
         .map_err(|e| GcsError::Format(e.to_string()))?;
-    parquet_file(&batch, data_bytes / 2 + 4096)
+    parquet_file(&batch, data_bytes / 2 + 4096, level)
 }
 
-/// zstd level of every Parquet object, chosen by measurement on the sample mix (25,000
-/// messages, `benches/sinks.rs`): level 1 encodes at ~218 MiB/s of payload for a 2.48×
-/// smaller file, level 3 at ~150 MiB/s for 2.70×. The archive is written once and kept for
-/// years, so 8 % less storage outweighs ~0.8 µs of CPU per message. zstd itself is ~60 % of
-/// the encoding time at level 3 (perf), the floor of this path.
+/// The default zstd level of archive objects, chosen by measurement on the sample mix
+/// (25,000 messages, `benches/sinks.rs`, BENCHMARKS.md): Parquet at level 1 encodes ~230 MiB/s
+/// of payload for a 2.48× smaller file, at level 3 ~160 MiB/s for 2.70×. The archive is
+/// written once and kept for years, so 8 % less storage outweighs ~0.8 µs of CPU per message;
+/// `archive.zstd_level: 1` makes the other trade. zstd is ~60 % of the encoding time at level 3
+/// (perf), the floor of this path.
 pub const ZSTD_LEVEL: i32 = 3;
+/// The zstd levels accepted in the configuration (above 19 is slow and memory-hungry).
+pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
 
 /// One record batch as a zstd-compressed Parquet file (the format of every Parquet object).
-pub fn parquet_file(batch: &RecordBatch, capacity: usize) -> Result<Bytes, GcsError> {
+/// The `data` column, opaque bytes, gets no min/max statistics: they cost ~10 % of the
+/// encoding time and no reader can prune on them.
+pub fn parquet_file(batch: &RecordBatch, capacity: usize, level: i32) -> Result<Bytes, GcsError> {
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(ZSTD_LEVEL).map_err(|e| GcsError::Format(e.to_string()))?,
+            ZstdLevel::try_new(level).map_err(|e| GcsError::Format(e.to_string()))?,
         ))
+        .set_column_statistics_enabled("data".into(), EnabledStatistics::None)
         .build();
     let mut buf = Vec::with_capacity(capacity);
     let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
@@ -142,8 +211,148 @@ pub struct ArchivedMessage {
     pub subscription: String,
 }
 
-/// Decodes an archive file.
+/// One line of an `ndjson.zst` archive object.
+#[derive(Serialize)]
+struct LineOut<'a> {
+    message_id: &'a str,
+    publish_time: &'a str,
+    subscription: &'a str,
+    #[serde(serialize_with = "pairs_as_map")]
+    attributes: &'a [(String, String)],
+    #[serde(skip_serializing_if = "str::is_empty")]
+    ordering_key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivery_attempt: Option<i32>,
+    data: &'a str,
+}
+
+fn pairs_as_map<S: Serializer>(pairs: &&[(String, String)], s: S) -> Result<S::Ok, S::Error> {
+    let mut m = s.serialize_map(Some(pairs.len()))?;
+    for (k, v) in pairs.iter() {
+        m.serialize_entry(k, v)?;
+    }
+    m.end()
+}
+
+/// Reads a JSON object into pairs, in the order written.
+fn map_as_pairs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, String)>, D::Error> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = Vec<(String, String)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of string values")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(m.size_hint().unwrap_or(0));
+            while let Some(kv) = m.next_entry()? {
+                out.push(kv);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Pairs)
+}
+
+#[derive(Deserialize)]
+struct LineIn {
+    message_id: String,
+    publish_time: String,
+    subscription: String,
+    #[serde(default, deserialize_with = "map_as_pairs")]
+    attributes: Vec<(String, String)>,
+    #[serde(default)]
+    ordering_key: String,
+    #[serde(default)]
+    delivery_attempt: Option<i32>,
+    data: String,
+}
+
+/// Encodes a batch of records as one zstd frame of JSON Lines.
+pub fn encode_ndjson_zst<'a>(
+    records: impl ExactSizeIterator<Item = &'a Record>,
+    subscription: &str,
+    level: i32,
+) -> Result<Bytes, GcsError> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let io = |e: std::io::Error| GcsError::Format(format!("ndjson.zst archive: {e}"));
+    let mut z = zstd::stream::Encoder::new(Vec::new(), level).map_err(io)?;
+    let (mut line, mut data, mut time) = (Vec::new(), String::new(), String::new());
+    for r in records {
+        data.clear();
+        base64::engine::general_purpose::STANDARD.encode_string(&r.data, &mut data);
+        time.clear();
+        time.push_str(&logflow_core::time::rfc3339_micros(r.publish_time_micros));
+        line.clear();
+        serde_json::to_writer(
+            &mut line,
+            &LineOut {
+                message_id: &r.message_id,
+                publish_time: &time,
+                subscription,
+                attributes: &r.attributes,
+                ordering_key: &r.ordering_key,
+                delivery_attempt: r.delivery_attempt,
+                data: &data,
+            },
+        )
+        .map_err(|e| GcsError::Format(e.to_string()))?;
+        line.push(b'\n');
+        z.write_all(&line).map_err(io)?;
+    }
+    Ok(Bytes::from(z.finish().map_err(io)?))
+}
+
+fn decode_ndjson_zst(file: &[u8]) -> Result<Vec<ArchivedMessage>, GcsError> {
+    use base64::Engine as _;
+    use std::io::BufRead as _;
+    let fmt = |e: &dyn std::fmt::Display| GcsError::Format(format!("ndjson.zst archive: {e}"));
+    let reader = std::io::BufReader::new(zstd::stream::Decoder::new(file).map_err(|e| fmt(&e))?);
+    let mut out = Vec::new();
+    for (i, line) in reader.split(b'\n').enumerate() {
+        let line = line.map_err(|e| fmt(&e))?;
+        if line.is_empty() {
+            continue;
+        }
+        let at = |e: &dyn std::fmt::Display| fmt(&format!("line {}: {e}", i + 1));
+        let l: LineIn = serde_json::from_slice(&line).map_err(|e| at(&e))?;
+        let publish_time_micros = logflow_core::time::parse_rfc3339_utc(&l.publish_time)
+            .ok_or_else(|| at(&format!("publish_time {:?}", l.publish_time)))?;
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(&l.data)
+            .map_err(|e| at(&e))?;
+        out.push(ArchivedMessage {
+            record: Record {
+                message_id: l.message_id,
+                publish_time_micros,
+                attributes: l.attributes,
+                ordering_key: l.ordering_key,
+                data: Bytes::from(data),
+                delivery_attempt: l.delivery_attempt,
+            },
+            subscription: l.subscription,
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes an archive object of either format (told apart by its first bytes).
 pub fn decode(file: Bytes) -> Result<Vec<ArchivedMessage>, GcsError> {
+    if file.starts_with(ZSTD_MAGIC) {
+        return decode_ndjson_zst(&file);
+    }
+    if !file.starts_with(PARQUET_MAGIC) {
+        return Err(GcsError::Format(
+            "archive file: neither Parquet nor zstd (first bytes differ)".into(),
+        ));
+    }
+    decode_parquet(file)
+}
+
+fn decode_parquet(file: Bytes) -> Result<Vec<ArchivedMessage>, GcsError> {
     let fmt = |e: &dyn std::fmt::Display| GcsError::Format(format!("archive file: {e}"));
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| fmt(&e))?
@@ -213,15 +422,48 @@ mod tests {
     }
 
     #[test]
-    fn round_trips_every_field() {
+    fn both_formats_round_trip_every_field() {
         let records: Vec<Record> = (0..5).map(record).collect();
-        let file = encode(records.iter(), "sub-a").unwrap();
-        assert_eq!(&file[..4], b"PAR1");
-        let back = decode(file).unwrap();
-        assert_eq!(back.len(), records.len());
-        for (b, r) in back.iter().zip(&records) {
-            assert_eq!(&b.record, r);
-            assert_eq!(b.subscription, "sub-a");
+        for format in [ArchiveFormat::Parquet, ArchiveFormat::NdjsonZst] {
+            let file = format.encode(records.iter(), "sub-a", ZSTD_LEVEL).unwrap();
+            let back = decode(file).unwrap();
+            assert_eq!(back.len(), records.len(), "{format:?}");
+            for (b, r) in back.iter().zip(&records) {
+                assert_eq!(&b.record, r, "{format:?}");
+                assert_eq!(b.subscription, "sub-a");
+            }
         }
+    }
+
+    #[test]
+    fn ndjson_zst_is_greppable_json_lines() {
+        let records: Vec<Record> = (0..3).map(record).collect();
+        let file = ArchiveFormat::NdjsonZst
+            .encode(records.iter(), "sub-a", 1)
+            .unwrap();
+        let text = String::from_utf8(zstd::stream::decode_all(&file[..]).unwrap()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0]["message_id"], "id-0");
+        assert_eq!(lines[0]["attributes"]["b"], "2");
+        assert_eq!(lines[0]["publish_time"], "2026-11-27T09:00:00.000000Z");
+        assert_eq!(lines[1]["ordering_key"], "k");
+        assert_eq!(lines[2]["delivery_attempt"], 3);
+        assert_eq!(lines[2]["data"], "AgD/Ag==");
+    }
+
+    #[test]
+    fn unknown_bytes_are_a_format_error() {
+        let e = decode(Bytes::from_static(b"{\"not\": \"an archive\"}")).unwrap_err();
+        assert!(e.to_string().contains("neither Parquet nor zstd"), "{e}");
+        let mut truncated = ArchiveFormat::NdjsonZst
+            .encode([record(0)].iter(), "s", 3)
+            .unwrap()
+            .to_vec();
+        truncated.truncate(truncated.len() / 2);
+        assert!(decode(Bytes::from(truncated)).is_err());
     }
 }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use logflow::samples::SampleGen;
 use logflow_core::Record;
+use logflow_gcs::archive::ArchiveFormat;
 use logflow_schema::{Registry, RowEncoder, RowMeta};
 
 const TYPES: [&str; 3] = [
@@ -47,13 +48,28 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("archive_parquet_zstd3_25000_msgs");
     g.throughput(Throughput::Bytes(bytes as u64));
     g.sample_size(20);
-    g.bench_function("encode", |b| {
-        b.iter(|| {
-            logflow_gcs::archive::encode(recs.iter().map(|(r, _)| &**r), sub)
-                .expect("encodes")
-                .len()
-        })
-    });
+    for (name, format, level) in [
+        ("encode", ArchiveFormat::Parquet, 3),
+        ("encode_zstd1", ArchiveFormat::Parquet, 1),
+        ("encode_ndjson_zst", ArchiveFormat::NdjsonZst, 3),
+    ] {
+        let size = format
+            .encode(recs.iter().map(|(r, _)| &**r), sub, level)
+            .expect("encodes")
+            .len();
+        println!(
+            "archive {name}: {bytes} payload bytes in a {size}-byte object ({:.2}x smaller)",
+            bytes as f64 / size as f64
+        );
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                format
+                    .encode(recs.iter().map(|(r, _)| &**r), sub, level)
+                    .expect("encodes")
+                    .len()
+            })
+        });
+    }
     g.finish();
 
     // insertAll bodies for 500-row batches of the same records' rows.

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use logflow_core::{BatchLimits, RetryPolicy};
+use logflow_gcs::archive::ArchiveFormat;
 use serde::Deserialize;
 
 const MIB: usize = 1024 * 1024;
@@ -127,6 +128,14 @@ pub struct ArchiveConfig {
     /// One object per batch.
     #[serde(default = "default_archive_batch")]
     pub batch: BatchLimits,
+    /// `parquet` (queryable in place by BigQuery external tables or DuckDB) or `ndjson_zst`
+    /// (JSON Lines in a zstd frame, for `zstdcat | grep`). Replay reads both.
+    #[serde(default)]
+    pub format: ArchiveFormat,
+    /// zstd level, 1 to 19: 3 (the default) stores ~8 % less than 1 for ~40 % more CPU on
+    /// this path (BENCHMARKS.md).
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
 }
 
 /// Parsed-record output: decoded messages as Parquet, one object per batch and message type,
@@ -142,6 +151,9 @@ pub struct ParsedConfig {
     /// One object per batch (and message type).
     #[serde(default = "default_archive_batch")]
     pub batch: BatchLimits,
+    /// zstd level of the Parquet pages, 1 to 19.
+    #[serde(default = "default_zstd_level")]
+    pub zstd_level: i32,
 }
 
 /// Dead-letter output.
@@ -202,6 +214,9 @@ fn default_shutdown_grace() -> Duration {
 }
 fn default_bq_concurrency() -> usize {
     4
+}
+fn default_zstd_level() -> i32 {
+    logflow_gcs::archive::ZSTD_LEVEL
 }
 fn default_archive_prefix() -> String {
     "raw".to_string()
@@ -375,6 +390,18 @@ impl Config {
                 ));
             }
             nonempty("archive.bucket", &p.archive.bucket)?;
+            let levels = logflow_gcs::archive::ZSTD_LEVELS;
+            let zstd = std::iter::once(("archive", p.archive.zstd_level))
+                .chain(p.parsed.as_ref().map(|x| ("parsed", x.zstd_level)));
+            for (output, level) in zstd {
+                if !levels.contains(&level) {
+                    return Err(format!(
+                        "{at}.{output}.zstd_level: {level} is outside {}..={}; use 1 (fastest) to 19 (smallest), 3 is the default",
+                        levels.start(),
+                        levels.end()
+                    ));
+                }
+            }
             nonempty("dead_letter.bucket", &p.dead_letter.bucket)?;
             p.bigquery.batch.validate(&format!("{at}.bigquery.batch"))?;
             p.archive.batch.validate(&format!("{at}.archive.batch"))?;
@@ -468,6 +495,8 @@ pipelines:
         let c = Config::parse(GOOD).unwrap();
         let p = &c.pipelines[0];
         assert_eq!(p.archive.prefix, "raw");
+        assert_eq!(p.archive.format, ArchiveFormat::Parquet);
+        assert_eq!(p.archive.zstd_level, 3);
         assert_eq!(p.bigquery.batch.max_items, 500);
         assert_eq!(
             p.subscription_path("p"),
@@ -501,6 +530,14 @@ pipelines:
             (
                 GOOD.replace("bucket: raw", "bucket: \"\""),
                 "pipelines[0].archive.bucket: must not be empty",
+            ),
+            (
+                GOOD.replace("bucket: raw", "bucket: raw, zstd_level: 0"),
+                "pipelines[0].archive.zstd_level: 0 is outside 1..=19",
+            ),
+            (
+                GOOD.replace("bucket: raw", "bucket: raw, format: csv"),
+                "pipelines[0].archive.format: unknown variant `csv`, expected `parquet` or `ndjson_zst`",
             ),
             (
                 GOOD.replace("name: http", "name: \"a b\""),

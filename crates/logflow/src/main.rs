@@ -82,7 +82,7 @@ enum Command {
         #[arg(long)]
         input: Option<PathBuf>,
     },
-    /// Replay raw-archive (or dead-letter) objects from GCS into BigQuery through a pipeline's
+    /// Replay raw-archive (Parquet or ndjson.zst) or dead-letter objects from GCS into BigQuery through a pipeline's
     /// decode and insert stages. Exits non-zero if anything could not be read or written.
     Replay {
         /// The YAML configuration.
@@ -115,6 +115,9 @@ enum Command {
         /// Objects read at once.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Also write the pipeline's parsed Parquet output (e.g. to backfill it after turning it on).
+        #[arg(long)]
+        parsed: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -396,6 +399,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             dry_run,
             checkpoint,
             concurrency,
+            parsed,
             json,
         } => {
             let cfg = Config::load(&config)?;
@@ -415,6 +419,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 table,
                 checkpoint,
                 concurrency,
+                parsed,
+                progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             let clients = worker::Clients::connect(&cfg, &Endpoints::from_env()).await?;
             let s = logflow::replay::replay(cfg, clients, opts).await?;

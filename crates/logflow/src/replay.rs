@@ -1,4 +1,4 @@
-//! `logflow replay`: raw-archive (or dead-letter) objects from GCS back through a pipeline's
+//! `logflow replay`: raw-archive (Parquet or ndjson.zst) or dead-letter objects from GCS back through a pipeline's
 //! decode → BigQuery / dead-letter stages: the same code path as `run`, another source.
 //!
 //! Guarantees:
@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use logflow_core::time::{hive_partition, parse_rfc3339_utc};
 use logflow_core::{AckHandle, AckPart, Envelope, Record};
-use logflow_gcs::{archive, deadletter};
+use logflow_gcs::{ObjectInfo, archive, deadletter};
 use logflow_schema::RowMeta;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -51,7 +51,7 @@ pub struct ReplayOptions {
     pub since: Option<i64>,
     /// Only messages published before this (µs since the epoch).
     pub until: Option<i64>,
-    /// The objects are dead-letter JSON Lines, not raw-archive Parquet.
+    /// The objects are dead-letter JSON Lines, not raw-archive objects (Parquet or ndjson.zst).
     pub dead_letters: bool,
     /// Decode and count, write nothing.
     pub dry_run: bool,
@@ -61,6 +61,10 @@ pub struct ReplayOptions {
     pub checkpoint: Option<PathBuf>,
     /// Objects read at once.
     pub concurrency: usize,
+    /// Also write the pipeline's parsed Parquet output (backfilling it).
+    pub parsed: bool,
+    /// Draw a progress bar (stderr is a terminal) instead of logging progress lines.
+    pub progress_bar: bool,
 }
 
 /// The outcome of a replay.
@@ -74,6 +78,8 @@ pub struct ReplaySummary {
     pub completed: usize,
     /// Objects that could not be read or decoded.
     pub unreadable: usize,
+    /// Bytes of the objects read.
+    pub bytes: u64,
     /// Messages sent through the stages (or decoded, in a dry run).
     pub messages: u64,
     /// Messages outside `--since` / `--until`.
@@ -162,12 +168,7 @@ async fn list_objects(
     bucket: &str,
     prefix: &str,
     o: &ReplayOptions,
-) -> anyhow::Result<Vec<String>> {
-    let ext = if o.dead_letters {
-        deadletter::EXTENSION
-    } else {
-        archive::EXTENSION
-    };
+) -> anyhow::Result<Vec<ObjectInfo>> {
     let base = prefix.trim_end_matches('/');
     let mut names = Vec::new();
     match (o.since, o.until) {
@@ -177,14 +178,7 @@ async fn list_objects(
             let mut h = since.div_euclid(HOUR_MICROS) * HOUR_MICROS;
             while h < until {
                 let p = format!("{base}/{}/", hive_partition(h));
-                names.extend(
-                    clients
-                        .gcs
-                        .list(bucket, p.trim_start_matches('/'))
-                        .await?
-                        .into_iter()
-                        .map(|x| x.name),
-                );
+                names.extend(clients.gcs.list(bucket, p.trim_start_matches('/')).await?);
                 h += HOUR_MICROS;
             }
         }
@@ -194,23 +188,23 @@ async fn list_objects(
             } else {
                 format!("{base}/")
             };
-            names.extend(
-                clients
-                    .gcs
-                    .list(bucket, &p)
-                    .await?
-                    .into_iter()
-                    .map(|x| x.name),
-            );
+            names.extend(clients.gcs.list(bucket, &p).await?);
         }
     }
-    names.retain(|n| n.ends_with(&format!(".{ext}")));
+    let dead_letter_ext = format!(".{}", deadletter::EXTENSION);
+    names.retain(|x| {
+        if o.dead_letters {
+            x.name.ends_with(&dead_letter_ext)
+        } else {
+            archive::is_archive_object(&x.name)
+        }
+    });
     // Drop partitions wholly outside the range (long ranges, or a prefix below `dt=`).
-    names.retain(|n| match partition_hour(n) {
+    names.retain(|x| match partition_hour(&x.name) {
         Some(h) => o.since.is_none_or(|s| h + HOUR_MICROS > s) && o.until.is_none_or(|u| h < u),
         None => true,
     });
-    names.sort();
+    names.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(names)
 }
 
@@ -290,21 +284,29 @@ pub async fn replay(
         Some(path) => read_checkpoint(path)?,
         None => HashSet::new(),
     };
+    if opts.parsed && p.parsed.is_none() {
+        bail!(
+            "--parsed: pipeline {} has no `parsed` output in the config; add one (bucket, prefix) or drop the flag",
+            p.name
+        );
+    }
     let all = list_objects(&clients, &bucket, &prefix, &opts).await?;
     let mut summary = ReplaySummary {
         objects: all.len(),
         ..Default::default()
     };
-    let objects: Vec<String> = all
+    let objects: Vec<ObjectInfo> = all
         .into_iter()
-        .filter(|n| !done_before.contains(n))
+        .filter(|x| !done_before.contains(&x.name))
         .collect();
     summary.skipped = summary.objects - objects.len();
-    info!(objects = summary.objects, skipped = summary.skipped, from = %opts.from, "replay starting");
+    let total_bytes: u64 = objects.iter().map(|x| x.size).sum();
+    info!(objects = summary.objects, skipped = summary.skipped, bytes = total_bytes, from = %opts.from, "replay starting");
+    let progress = Progress::new(opts.progress_bar, objects.len(), total_bytes, started);
 
     if opts.dry_run {
         return dry_run(
-            &cfg, i, &clients, &bucket, &objects, &opts, summary, started,
+            &cfg, i, &clients, &bucket, &objects, &opts, summary, &progress,
         )
         .await;
     }
@@ -327,6 +329,20 @@ pub async fn replay(
         worker::REPLAY_CHANNEL,
         &mut stages,
     );
+    let parsed_tx = match (&p.parsed, opts.parsed) {
+        (Some(parsed), true) => {
+            let (tx, rx) = mpsc::channel(worker::REPLAY_CHANNEL);
+            stages.spawn(crate::stages::parsed_stage(
+                Arc::clone(&ctx),
+                clients.gcs.clone(),
+                parsed.clone(),
+                replay_id.clone(),
+                rx,
+            ));
+            Some(tx)
+        }
+        _ => None,
+    };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, bool)>();
     let failures = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
@@ -360,43 +376,40 @@ pub async fn replay(
     });
 
     let stats = Arc::clone(&ctx.stats);
-    let progress = {
-        let (stats, sent) = (Arc::clone(&stats), Arc::clone(&sent));
+    let ticker = {
+        let (stats, progress) = (Arc::clone(&stats), Arc::clone(&progress));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            let mut tick = tokio::time::interval(progress.every());
             tick.tick().await;
             loop {
                 tick.tick().await;
                 let s = stats.snapshot();
-                let secs = started.elapsed().as_secs_f64().max(0.001);
-                info!(
-                    messages = sent.load(Ordering::Relaxed),
-                    inserted = s.inserted,
-                    dead_lettered = s.dead_lettered,
-                    rate_per_s = (sent.load(Ordering::Relaxed) as f64 / secs) as u64,
-                    "replay progress"
-                );
+                progress.show(s.inserted, s.dead_lettered);
             }
         })
     };
 
     let unreadable = Arc::new(AtomicUsize::new(0));
     let reads = futures::stream::iter(objects.iter().cloned())
-        .map(|name| {
+        .map(|o| {
             let clients = &clients;
             let bucket = &bucket;
             async move {
-                let r = read_object(clients, bucket, &name, opts.dead_letters).await;
-                (name, r)
+                let r = read_object(clients, bucket, &o.name, opts.dead_letters).await;
+                (o, r)
             }
         })
         .buffer_unordered(opts.concurrency.max(1));
     tokio::pin!(reads);
-    while let Some((name, r)) = reads.next().await {
+    while let Some((object, r)) = reads.next().await {
+        progress.object_read(object.size);
+        let name = object.name;
         let records = match r {
             Ok(records) => records,
             Err(e) => {
-                error!(object = %name, error = %format!("{e:#}"), "cannot read object");
+                progress.suspend(
+                    || error!(object = %name, error = %format!("{e:#}"), "cannot read object"),
+                );
                 unreadable.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -416,29 +429,43 @@ pub async fn replay(
             done_tx.send((name, true)).ok();
             continue;
         }
-        let progress = Arc::new(ObjectProgress {
+        let object_progress = Arc::new(ObjectProgress {
             name,
             remaining: AtomicUsize::new(selected.len()),
             failed: AtomicBool::new(false),
             done: done_tx.clone(),
             failures: Arc::clone(&failures),
         });
+        progress.messages(selected.len() as u64);
         for record in selected {
-            let [ack] = AckPart::split::<1>(Box::new(ReplayAck(Arc::clone(&progress))));
+            let handle = Box::new(ReplayAck(Arc::clone(&object_progress)));
+            let record = Arc::new(record);
             sent.fetch_add(1, Ordering::Relaxed);
-            if decode_tx
-                .send(Envelope {
-                    record: Arc::new(record),
-                    ack,
-                })
-                .await
-                .is_err()
-            {
+            let stopped = match &parsed_tx {
+                None => {
+                    let [ack] = AckPart::split::<1>(handle);
+                    decode_tx.send(Envelope { record, ack }).await.is_err()
+                }
+                Some(parsed_tx) => {
+                    let [rows, parsed] = AckPart::split::<2>(handle);
+                    let (r2, ack) = (Arc::clone(&record), rows);
+                    decode_tx.send(Envelope { record: r2, ack }).await.is_err()
+                        || parsed_tx
+                            .send(Envelope {
+                                record,
+                                ack: parsed,
+                            })
+                            .await
+                            .is_err()
+                }
+            };
+            if stopped {
                 bail!("the pipeline's stages stopped; see the errors above");
             }
         }
     }
     drop(decode_tx);
+    drop(parsed_tx);
     drop(done_tx);
     let mut stage_error = None;
     while let Some(r) = stages.join_next().await {
@@ -447,7 +474,8 @@ pub async fn replay(
             stage_error.get_or_insert(e);
         }
     }
-    progress.abort();
+    ticker.abort();
+    progress.finish();
     summary.completed = recorder.await??;
     if let Some(e) = stage_error {
         return Err(e);
@@ -459,6 +487,7 @@ pub async fn replay(
     summary.inserted = s.inserted;
     summary.dead_lettered = s.dead_lettered;
     summary.failed = failures.load(Ordering::Relaxed);
+    summary.bytes = progress.bytes_read();
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -470,10 +499,10 @@ async fn dry_run(
     i: usize,
     clients: &Clients,
     bucket: &str,
-    objects: &[String],
+    objects: &[ObjectInfo],
     opts: &ReplayOptions,
     mut summary: ReplaySummary,
-    started: Instant,
+    progress: &Progress,
 ) -> anyhow::Result<ReplaySummary> {
     let p = &cfg.pipelines[i];
     let router = crate::routing::TypeRouter::new(
@@ -483,15 +512,21 @@ async fn dry_run(
         p.type_attribute.clone(),
     )?;
     let mut scratch = Vec::new();
-    for name in objects {
-        let records = match read_object(clients, bucket, name, opts.dead_letters).await {
+    for object in objects {
+        let name = &object.name;
+        let read = read_object(clients, bucket, name, opts.dead_letters).await;
+        progress.object_read(object.size);
+        let records = match read {
             Ok(r) => r,
             Err(e) => {
-                error!(object = %name, error = %format!("{e:#}"), "cannot read object");
+                progress.suspend(
+                    || error!(object = %name, error = %format!("{e:#}"), "cannot read object"),
+                );
                 summary.unreadable += 1;
                 continue;
             }
         };
+        progress.messages(records.len() as u64);
         for r in records {
             if opts.since.is_some_and(|s| r.publish_time_micros < s)
                 || opts.until.is_some_and(|u| r.publish_time_micros >= u)
@@ -518,9 +553,121 @@ async fn dry_run(
             }
         }
         summary.completed += 1;
+        progress.show(summary.inserted, summary.dead_lettered);
     }
-    summary.seconds = started.elapsed().as_secs_f64();
+    progress.finish();
+    summary.bytes = progress.bytes_read();
+    summary.seconds = progress.started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Replay progress: a bar on a terminal (objects' bytes, rate, ETA, counts), log lines
+/// every [`PROGRESS_EVERY`] otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    objects: usize,
+    total_bytes: u64,
+    objects_read: AtomicUsize,
+    bytes_read: AtomicU64,
+    messages: AtomicU64,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(bar: bool, objects: usize, total_bytes: u64, started: Instant) -> Arc<Progress> {
+        let bar = bar.then(|| {
+            let b = indicatif::ProgressBar::with_draw_target(
+                Some(total_bytes),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            b
+        });
+        Arc::new(Progress {
+            bar,
+            objects,
+            total_bytes,
+            objects_read: AtomicUsize::new(0),
+            bytes_read: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            started,
+        })
+    }
+
+    fn every(&self) -> Duration {
+        if self.bar.is_some() {
+            Duration::from_millis(200)
+        } else {
+            PROGRESS_EVERY
+        }
+    }
+
+    fn object_read(&self, bytes: u64) {
+        self.objects_read.fetch_add(1, Ordering::Relaxed);
+        self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(b) = &self.bar {
+            b.inc(bytes);
+        }
+    }
+
+    fn messages(&self, n: u64) {
+        self.messages.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn bytes_read(&self) -> u64 {
+        self.bytes_read.load(Ordering::Relaxed)
+    }
+
+    /// Shows the counts: on the bar, or as a log line.
+    fn show(&self, inserted: u64, dead_lettered: u64) {
+        let messages = self.messages.load(Ordering::Relaxed);
+        let objects = self.objects_read.load(Ordering::Relaxed);
+        match &self.bar {
+            Some(b) => b.set_message(format!(
+                "objects {objects}/{} · {messages} messages · {inserted} rows · {dead_lettered} dead-lettered",
+                self.objects
+            )),
+            None => {
+                let secs = self.started.elapsed().as_secs_f64().max(0.001);
+                let bytes = self.bytes_read();
+                let rate = bytes as f64 / secs;
+                let eta = (rate > 0.0)
+                    .then(|| ((self.total_bytes.saturating_sub(bytes)) as f64 / rate) as u64);
+                info!(
+                    objects,
+                    of_objects = self.objects,
+                    bytes,
+                    of_bytes = self.total_bytes,
+                    messages,
+                    inserted,
+                    dead_lettered,
+                    messages_per_s = (messages as f64 / secs) as u64,
+                    eta_s = eta,
+                    "replay progress"
+                );
+            }
+        }
+    }
+
+    /// Runs `f` (which logs) with the bar hidden, so lines do not tear it.
+    fn suspend(&self, f: impl FnOnce()) {
+        match &self.bar {
+            Some(b) => b.suspend(f),
+            None => f(),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
 }
 
 #[cfg(test)]

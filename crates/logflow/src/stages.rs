@@ -19,8 +19,9 @@ use futures::stream::FuturesUnordered;
 use logflow_bigquery::BigQuery;
 use logflow_core::batch::next_batch;
 use logflow_core::{BatchLimits, Classify, Envelope, ErrorClass, Record, Stats};
+use logflow_gcs::archive::{self, ArchiveFormat};
 use logflow_gcs::deadletter::Failure;
-use logflow_gcs::{Gcs, ObjectNamer, archive, deadletter};
+use logflow_gcs::{Gcs, ObjectNamer, deadletter};
 use std::collections::HashMap;
 
 use logflow_schema::{ArrowEncoder, RowMeta, table_schema};
@@ -110,10 +111,12 @@ fn on_write_error<E: Classify + std::fmt::Display>(
     }
 }
 
-/// Archives every message, one Parquet object per batch.
+/// Archives every message, one object per batch (Parquet or ndjson.zst).
 pub async fn archive_stage(
     ctx: Arc<StageContext>,
     out: GcsOutput,
+    format: ArchiveFormat,
+    zstd_level: i32,
     mut rx: mpsc::Receiver<Envelope>,
 ) -> anyhow::Result<()> {
     while let Some(batch) = next_batch(&mut rx, &out.limits, |e: &Envelope| e.record.size()).await {
@@ -124,17 +127,17 @@ pub async fn archive_stage(
                 .map(|e| e.record.publish_time_micros)
                 .min()
                 .unwrap_or(0);
-            let name = out.namer.next(first, archive::EXTENSION);
+            let name = out.namer.next(first, format.extension());
             let records: Vec<Arc<Record>> = group.iter().map(|e| Arc::clone(&e.record)).collect();
             let sub = Arc::clone(&ctx.subscription);
             let file = tokio::task::spawn_blocking(move || {
-                archive::encode(records.iter().map(|r| &**r), &sub)
+                format.encode(records.iter().map(|r| &**r), &sub, zstd_level)
             })
             .await??;
             let started = std::time::Instant::now();
             let written = out
                 .gcs
-                .put_new(&out.bucket, &name, file, archive::CONTENT_TYPE, &ctx.stats)
+                .put_new(&out.bucket, &name, file, format.content_type(), &ctx.stats)
                 .await;
             ctx.stats.archive_flush.observe_since(started);
             match written {
@@ -453,7 +456,8 @@ pub async fn parsed_stage(
                     );
                 }
                 let (enc, namer) = &encoders[&name];
-                write_parsed(&ctx, &gcs, &cfg.bucket, Arc::clone(enc), namer, group).await?;
+                let out = (&cfg.bucket[..], namer, cfg.zstd_level);
+                write_parsed(&ctx, &gcs, out, Arc::clone(enc), group).await?;
             }
         }
     }
@@ -463,9 +467,8 @@ pub async fn parsed_stage(
 async fn write_parsed(
     ctx: &StageContext,
     gcs: &Gcs,
-    bucket: &str,
+    (bucket, namer, zstd_level): (&str, &ObjectNamer, i32),
     enc: Arc<ArrowEncoder>,
-    namer: &ObjectNamer,
     group: Vec<Envelope>,
 ) -> anyhow::Result<()> {
     let n = group.len();
@@ -496,7 +499,11 @@ async fn write_parsed(
             return Ok(None);
         }
         let bytes: usize = rows.iter().map(|r| r.1.len()).sum();
-        Ok::<_, anyhow::Error>(Some(archive::parquet_file(&batch, bytes / 2 + 4096)?))
+        Ok::<_, anyhow::Error>(Some(archive::parquet_file(
+            &batch,
+            bytes / 2 + 4096,
+            zstd_level,
+        )?))
     })
     .await?;
     let file = match file {

@@ -460,6 +460,8 @@ async fn run_pipeline(
             namer: ObjectNamer::new(&p.archive.prefix, &sub, worker),
             limits: p.archive.batch,
         },
+        p.archive.format,
+        p.archive.zstd_level,
         archive_rx,
     ));
     let decode_tx = spawn_row_stages(&ctx, &p, &clients, worker, branch, &mut set);

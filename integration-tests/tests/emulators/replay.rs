@@ -2,9 +2,11 @@
 
 use std::collections::BTreeSet;
 
+use arrow::array::AsArray as _;
 use logflow::replay::{ReplayOptions, replay};
 use logflow::worker::Clients;
-use logflow_integration_tests::{Emulators, unique};
+use logflow_gcs::archive;
+use logflow_integration_tests::{Emulators, outputs, unique};
 
 use crate::common::{config_yaml, destinations, load_config, published_stream, run_until_acked};
 
@@ -19,6 +21,217 @@ fn options(pipeline: &str, from: String) -> ReplayOptions {
         table: None,
         checkpoint: None,
         concurrency: 3,
+        parsed: false,
+        progress_bar: false,
+    }
+}
+
+/// Every row of `table`, all columns but `_ingest_time` (the one a replay changes), ordered
+/// by message id, as JSON text.
+async fn table_rows(clients: &Clients, dataset: &str, table: &str) -> Vec<String> {
+    clients
+        .bq
+        .query(&format!(
+            "SELECT * EXCEPT (_ingest_time) FROM {dataset}.{table} ORDER BY _message_id"
+        ))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| serde_json::to_string(&r).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ndjson_zst_archive_replays_into_the_same_rows_and_backfills_parsed_output() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let ty = "acme.http.v1.HttpAccessLog";
+    let stream = published_stream(&emu, "ndjson", "http", ty, 300, 67).await;
+    let yaml = config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
+        "prefix: raw, batch",
+        "prefix: raw, format: ndjson_zst, zstd_level: 1, batch",
+    );
+    let cfg = load_config(&yaml);
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    let total = stream.published.len() as u64;
+    run_until_acked(cfg, &clients, total).await;
+
+    // The archive is ndjson.zst, and holds every message byte for byte.
+    let prefix = format!("raw/{}/", stream.subscription);
+    let objects = clients.gcs.list(&raw, &prefix).await.unwrap();
+    assert!(!objects.is_empty());
+    let mut archived = BTreeSet::new();
+    for o in &objects {
+        assert!(o.name.ends_with(".ndjson.zst"), "{}", o.name);
+        let file = clients.gcs.get(&raw, &o.name).await.unwrap();
+        for m in archive::decode(file).unwrap() {
+            let sample = &stream.published[&m.record.message_id];
+            assert_eq!(m.record.data, sample.payload, "{}", m.record.message_id);
+            assert_eq!(
+                m.subscription,
+                format!(
+                    "projects/{}/subscriptions/{}",
+                    emu.project, stream.subscription
+                )
+            );
+            archived.insert(m.record.message_id);
+        }
+    }
+    assert_eq!(
+        archived,
+        stream.published.keys().cloned().collect::<BTreeSet<_>>()
+    );
+
+    // Replayed into a fresh table (with the parsed output turned on since): the same rows.
+    let parsed = unique("parsed");
+    emu.bucket(&parsed).await.unwrap();
+    let cfg = load_config(&yaml.replace(
+        "    flow_control:",
+        &format!("    parsed: {{ bucket: {parsed}, prefix: backfill, batch: {{ max_items: 200, max_bytes: 4000000, max_age: 1s }} }}\n    flow_control:"),
+    ));
+    let s = replay(
+        cfg,
+        clients.clone(),
+        ReplayOptions {
+            table: Some(format!("{dataset}.replayed")),
+            parsed: true,
+            ..options("http", format!("gs://{raw}/{prefix}"))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(s.ok(), "{s:?}");
+    assert_eq!(s.messages, total, "{s:?}");
+    assert!(s.bytes > 0, "{s:?}");
+    let original = table_rows(&clients, &dataset, "http").await;
+    let replayed = table_rows(&clients, &dataset, "replayed").await;
+    assert_eq!(original.len(), s.inserted as usize);
+    assert_eq!(replayed, original);
+
+    // The parsed output was backfilled: one Parquet row per valid message.
+    let mut parsed_ids = BTreeSet::new();
+    for o in clients
+        .gcs
+        .list(&parsed, &format!("backfill/{ty}/"))
+        .await
+        .unwrap()
+    {
+        let file = clients.gcs.get(&parsed, &o.name).await.unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let ids = batch
+                .column_by_name("_message_id")
+                .unwrap()
+                .as_string::<i32>();
+            parsed_ids.extend((0..batch.num_rows()).map(|i| ids.value(i).to_string()));
+        }
+    }
+    let valid: BTreeSet<String> = stream
+        .published
+        .iter()
+        .filter(|(_, s)| s.malformed.is_none())
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(parsed_ids, valid);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_of_an_unknown_type_land_in_bigquery_once_the_type_is_added() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    // A type the worker does not know yet, in a schema directory of its own.
+    let extra = std::env::temp_dir().join(unique("logflow-extra-schemas"));
+    std::fs::create_dir_all(extra.join("acme/audit/v1")).unwrap();
+    std::fs::write(
+        extra.join("acme/audit/v1/audit.proto"),
+        "syntax = \"proto3\";\npackage acme.audit.v1;\nmessage AuditEvent {\n  string actor = 1;\n  string action = 2;\n  int64 resource_id = 3;\n  repeated string tags = 4;\n}\n",
+    )
+    .unwrap();
+    let registry = logflow_schema::Registry::from_proto_dirs(std::slice::from_ref(&extra)).unwrap();
+    let md = registry.message("acme.audit.v1.AuditEvent").unwrap();
+    let now = logflow_core::time::now_micros() / 1_000_000;
+    let samples = logflow::samples::SampleGen::new(5, now).samples(&md, 40, 0.0);
+    let (_, subscription, topic_path) = emu.fresh_topic("audit").await.unwrap();
+    let publisher = logflow::publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
+        .await
+        .unwrap();
+    let items = samples.iter().map(|s| {
+        let attrs = vec![(
+            "logflow-type".to_string(),
+            "acme.audit.v1.AuditEvent".to_string(),
+        )];
+        (s.payload.clone(), attrs)
+    });
+    let id_list = logflow::publish::publish_all(&publisher, items)
+        .await
+        .unwrap();
+    let ids: BTreeSet<String> = id_list.iter().cloned().collect();
+
+    let yaml = |dirs: &str| {
+        format!(
+            "project: {}\nschemas: {{ proto_dirs: [{dirs}] }}\npipelines:\n  - name: typed\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
+            emu.project
+        )
+    };
+    let schemas = format!("\"{}\"", logflow_integration_tests::schemas_dir().display());
+    let cfg = load_config(&yaml(&schemas));
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    run_until_acked(cfg, &clients, ids.len() as u64).await;
+
+    // Unknown at first: every message dead-lettered as such, none in BigQuery.
+    let dead = outputs::dead_letter_classes(&clients.gcs, &dlq, &format!("dlq/{subscription}/"))
+        .await
+        .unwrap();
+    assert_eq!(dead.keys().cloned().collect::<BTreeSet<_>>(), ids);
+    assert!(
+        dead.values().all(|c| c == "unknown_message_type"),
+        "{dead:?}"
+    );
+
+    // With the type added to the registry, the dead letters replay into its table.
+    let fixed = load_config(&yaml(&format!("{schemas}, \"{}\"", extra.display())));
+    let s = replay(
+        fixed,
+        clients.clone(),
+        ReplayOptions {
+            dead_letters: true,
+            ..options("typed", format!("gs://{dlq}/dlq/{subscription}"))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(s.ok(), "{s:?}");
+    assert_eq!(
+        (s.inserted, s.dead_lettered),
+        (ids.len() as u64, 0),
+        "{s:?}"
+    );
+    let rows = clients
+        .bq
+        .query(&format!(
+            "SELECT _message_id, actor FROM {dataset}.logs_audit_event"
+        ))
+        .await
+        .unwrap();
+    let by_id: std::collections::BTreeMap<String, Option<String>> = rows
+        .iter()
+        .map(|r| {
+            let cell = |i: usize| r[i].as_ref().and_then(|v| v.as_str()).map(str::to_string);
+            (cell(0).unwrap(), cell(1))
+        })
+        .collect();
+    assert_eq!(by_id.keys().cloned().collect::<BTreeSet<_>>(), ids);
+    for (id, sample) in id_list.iter().zip(&samples) {
+        let msg = sample.message.as_ref().unwrap();
+        let actor = msg.get_field_by_name("actor").unwrap();
+        let actor = actor.as_str().unwrap();
+        // proto3 leaves an empty string out of the wire: NULL in BigQuery.
+        let want = (!actor.is_empty()).then(|| actor.to_string());
+        assert_eq!(by_id[id], want, "row {id}");
     }
 }
 
