@@ -142,8 +142,18 @@ impl Gcs {
             .map_err(|e| sdk_error("put", bucket, name, &e))
     }
 
-    /// Reads a whole object.
+    /// Reads a whole object, retrying transient failures.
     pub async fn get(&self, bucket: &str, name: &str) -> Result<Bytes, GcsError> {
+        self.options
+            .retry
+            .run(
+                || self.get_once(bucket, name),
+                |e, n| warn!(bucket, object = name, attempt = n, error = %e, "gcs read failed, retrying"),
+            )
+            .await
+    }
+
+    async fn get_once(&self, bucket: &str, name: &str) -> Result<Bytes, GcsError> {
         let mut resp = self
             .storage
             .read_object(format!("projects/_/buckets/{bucket}"), name)
@@ -183,46 +193,64 @@ impl Gcs {
         })
     }
 
-    /// Lists every object under `prefix`, following page tokens.
+    /// Lists every object under `prefix`, following page tokens (1,000 objects per page, GCS's
+    /// maximum), retrying each page on transient failures.
     pub async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<ObjectInfo>, GcsError> {
-        let url = format!("{}/storage/v1/b/{bucket}/o", self.json_api);
         let mut out = Vec::new();
         let mut page_token: Option<String> = None;
         loop {
-            let mut req = self.http.get(&url).query(&[
-                ("prefix", prefix),
-                ("fields", "items(name,size),nextPageToken"),
-            ]);
-            if let Some(t) = &page_token {
-                req = req.query(&[("pageToken", t.as_str())]);
-            }
-            if let Some(token) = self.options.tokens.token().await.map_err(GcsError::Auth)? {
-                req = req.bearer_auth(token);
-            }
-            let transport = |e: reqwest::Error| GcsError::Transport {
-                op: "list",
-                bucket: bucket.to_string(),
-                object: prefix.to_string(),
-                message: e.to_string(),
-            };
-            let resp = req.send().await.map_err(transport)?;
-            let status = resp.status();
-            if !status.is_success() {
-                return Err(GcsError::Http {
-                    op: "list",
-                    bucket: bucket.to_string(),
-                    object: prefix.to_string(),
-                    status: status.as_u16(),
-                    message: resp.text().await.unwrap_or_default(),
-                });
-            }
-            let page: ListPage = resp.json().await.map_err(transport)?;
+            let page = self
+                .options
+                .retry
+                .run(
+                    || self.list_page(bucket, prefix, page_token.as_deref()),
+                    |e, n| warn!(bucket, prefix, attempt = n, error = %e, "gcs listing failed, retrying"),
+                )
+                .await?;
             out.extend(page.items);
             match page.next_page_token {
                 Some(t) if !t.is_empty() => page_token = Some(t),
                 _ => return Ok(out),
             }
         }
+    }
+
+    async fn list_page(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        page_token: Option<&str>,
+    ) -> Result<ListPage, GcsError> {
+        let url = format!("{}/storage/v1/b/{bucket}/o", self.json_api);
+        let mut req = self.http.get(&url).query(&[
+            ("prefix", prefix),
+            ("maxResults", "1000"),
+            ("fields", "items(name,size),nextPageToken"),
+        ]);
+        if let Some(t) = page_token {
+            req = req.query(&[("pageToken", t)]);
+        }
+        if let Some(token) = self.options.tokens.token().await.map_err(GcsError::Auth)? {
+            req = req.bearer_auth(token);
+        }
+        let transport = |e: reqwest::Error| GcsError::Transport {
+            op: "list",
+            bucket: bucket.to_string(),
+            object: prefix.to_string(),
+            message: e.to_string(),
+        };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(GcsError::Http {
+                op: "list",
+                bucket: bucket.to_string(),
+                object: prefix.to_string(),
+                status: status.as_u16(),
+                message: resp.text().await.unwrap_or_default(),
+            });
+        }
+        resp.json().await.map_err(transport)
     }
 }
 

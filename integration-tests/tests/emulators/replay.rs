@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use arrow::array::AsArray as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use logflow::replay::{ReplayOptions, replay};
 use logflow::worker::Clients;
 use logflow_gcs::archive;
@@ -351,4 +352,68 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
         (2 * malformed, 0, 2 * malformed, 0),
         "{dead:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_through_ten_thousand_objects_and_prunes_by_hour() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let stream = crate::common::Stream {
+        pipeline: "many".into(),
+        subscription: "unused".into(),
+        table: "many".into(),
+        message_type: "acme.http.v1.HttpAccessLog".into(),
+        published: Default::default(),
+    };
+    let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    // 10,010 objects over the 24 hours of a day: eleven pages of 1,000 to list.
+    let n = 10_010;
+    let name = |i: usize| format!("many/dt=2026-11-27/hour={:02}/w-{i:05}.parquet", i % 24);
+    let stats = logflow_core::Stats::default();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (gcs, raw, stats) = (&clients.gcs, &raw, &stats);
+            async move {
+                let data = bytes::Bytes::from(format!("object {i}"));
+                gcs.put_new(raw, &name(i), data, "text/plain", stats).await
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await
+        .unwrap();
+    let mut listed: Vec<String> = clients
+        .gcs
+        .list(&raw, "many/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    listed.sort();
+    let mut want: Vec<String> = (0..n).map(name).collect();
+    want.sort();
+    assert_eq!(listed.len(), n);
+    assert_eq!(listed, want);
+
+    // --since/--until list only the hours asked for: hour 09 holds the objects i % 24 == 9.
+    // They are not archives, so each is read and reported unreadable: nothing is skipped
+    // silently.
+    let since = logflow_core::time::parse_rfc3339_utc("2026-11-27T09:00:00Z").unwrap();
+    let s = replay(
+        cfg,
+        clients.clone(),
+        ReplayOptions {
+            since: Some(since),
+            until: Some(since + 3_600_000_000),
+            dry_run: true,
+            ..options("many", format!("gs://{raw}/many"))
+        },
+    )
+    .await
+    .unwrap();
+    let in_hour = (0..n).filter(|i| i % 24 == 9).count();
+    assert_eq!((s.objects, s.unreadable), (in_hour, in_hour), "{s:?}");
+    assert!(!s.ok());
 }
