@@ -4,12 +4,16 @@ use std::collections::BTreeSet;
 
 use arrow::array::AsArray as _;
 use futures::{StreamExt as _, TryStreamExt as _};
+use logflow::endpoints::Endpoints;
 use logflow::replay::{ReplayOptions, replay};
 use logflow::worker::Clients;
 use logflow_gcs::archive;
+use logflow_integration_tests::proxy::{Fault, FaultProxy};
 use logflow_integration_tests::{Emulators, outputs, unique};
 
-use crate::common::{config_yaml, destinations, load_config, published_stream, run_until_acked};
+use crate::common::{
+    PROCESS_TIMEOUT, config_yaml, destinations, load_config, published_stream, run_until_acked,
+};
 
 fn options(pipeline: &str, from: String) -> ReplayOptions {
     ReplayOptions {
@@ -243,7 +247,12 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     let ty = "acme.payments.v1.PaymentEvent";
     let stream = published_stream(&emu, "replay", "pay", ty, 400, 61).await;
     let subscription = stream.subscription.clone();
-    let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
+    // Small archive objects: a dozen or so to replay one by one.
+    let yaml = config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
+        "prefix: raw, batch: { max_items: 250",
+        "prefix: raw, batch: { max_items: 30",
+    );
+    let cfg = load_config(&yaml);
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let total = stream.published.len() as u64;
     run_until_acked(cfg.clone(), &clients, total).await;
@@ -284,18 +293,50 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
         checkpoint: Some(checkpoint.clone()),
         since: Some(now - 3_600_000_000),
         until: Some(now + 3_600_000_000),
+        concurrency: 1,
         ..options("pay", from.clone())
     };
+    // Interrupted: once the first object is recorded as done, BigQuery stops answering and
+    // the replay is dropped mid-object (as a crash would leave it).
+    let bq = FaultProxy::start(emu.endpoints.bigquery.as_deref().unwrap())
+        .await
+        .unwrap();
+    let through_proxy = Endpoints {
+        bigquery: Some(bq.endpoint()),
+        ..emu.endpoints.clone()
+    };
+    let proxied = Clients::connect(&cfg, &through_proxy).await.unwrap();
+    let interrupted = tokio::spawn(replay(cfg.clone(), proxied, opts.clone()));
+    let recorded = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + PROCESS_TIMEOUT;
+    while recorded(&checkpoint) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline && !interrupted.is_finished(),
+            "the replay recorded no object"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    bq.set(Fault::Hang);
+    interrupted.abort();
+    let done_before = recorded(&checkpoint);
+    bq.set(Fault::Pass);
+
+    // Resumed: the recorded objects are skipped, the rest replayed; every row lands once
+    // (rows of the interrupted object are re-sent with the same insertId).
     let s = replay(cfg.clone(), clients.clone(), opts.clone())
         .await
         .unwrap();
     assert!(s.ok(), "{s:?}");
-    assert!(s.objects > 0 && s.completed == s.objects, "{s:?}");
-    assert_eq!(
-        (s.messages, s.inserted, s.dead_lettered, s.failed),
-        (total, valid.len() as u64, malformed, 0),
+    assert_eq!(s.skipped, done_before, "{s:?}");
+    assert!(
+        s.completed > 0 && s.skipped + s.completed == s.objects,
         "{s:?}"
     );
+    assert!(s.messages < total, "{s:?}");
     let rows = clients
         .bq
         .query(&format!("SELECT _message_id FROM {dataset}.backfill"))
@@ -312,6 +353,7 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     assert_eq!(rows.len(), valid.len(), "one row per message");
 
     // Resuming skips everything already done.
+    assert_eq!(recorded(&checkpoint), s.objects);
     let again = replay(cfg.clone(), clients.clone(), opts).await.unwrap();
     assert_eq!((again.skipped, again.messages), (s.objects, 0), "{again:?}");
 
@@ -331,7 +373,24 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     assert_eq!((empty.objects, empty.messages), (0, 0), "{empty:?}");
 
     // Dead letters go through the stages again (still malformed, so dead-lettered again). The
-    // path holds the original run's dead letters and the backfill's: twice the malformed ones.
+    // path holds the original run's dead letters and the replays': every malformed message at
+    // least twice, each line replayed once.
+    let mut lines = 0u64;
+    let mut distinct = BTreeSet::new();
+    for o in clients
+        .gcs
+        .list(&dlq, &format!("dlq/{subscription}/"))
+        .await
+        .unwrap()
+    {
+        let file = clients.gcs.get(&dlq, &o.name).await.unwrap();
+        for l in logflow_gcs::deadletter::decode(&file).unwrap() {
+            lines += 1;
+            distinct.insert(l.message_id);
+        }
+    }
+    assert_eq!(distinct.len() as u64, malformed);
+    assert!(lines >= 2 * malformed, "{lines} dead-letter lines");
     let dead = replay(
         cfg,
         clients,
@@ -349,7 +408,7 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
             dead.dead_lettered,
             dead.failed
         ),
-        (2 * malformed, 0, 2 * malformed, 0),
+        (lines, 0, lines, 0),
         "{dead:?}"
     );
 }
