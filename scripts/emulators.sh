@@ -173,6 +173,7 @@ env_vars() {
   echo "export PUBSUB_EMULATOR_HOST=127.0.0.1:$PUBSUB_PORT"
   echo "export STORAGE_EMULATOR_HOST=http://127.0.0.1:$GCS_PORT"
   echo "export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$BQ_PORT"
+  echo "export BIGQUERY_STORAGE_EMULATOR_HOST=127.0.0.1:$BQ_GRPC_PORT"
   echo "export LOGFLOW_PROJECT=$PROJECT"
 }
 

@@ -31,8 +31,10 @@ impl Emulators {
         assert!(
             endpoints.pubsub.is_some()
                 && endpoints.storage.is_some()
-                && endpoints.bigquery.is_some(),
-            "PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST and BIGQUERY_EMULATOR_HOST must be set: \
+                && endpoints.bigquery.is_some()
+                && endpoints.bigquery_storage.is_some(),
+            "PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST, BIGQUERY_EMULATOR_HOST and \
+             BIGQUERY_STORAGE_EMULATOR_HOST must be set: \
              run these tests with `make test`, which starts the emulators"
         );
         let project =

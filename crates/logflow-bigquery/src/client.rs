@@ -13,6 +13,7 @@ use tracing::warn;
 
 use crate::auth::BqAuthenticator;
 use crate::error::BqError;
+use crate::storage_write::{ProtoRowSchema, StorageWriteClient};
 
 const BIGQUERY_API: &str = "https://bigquery.googleapis.com/bigquery/v2";
 /// BigQuery rejects insertAll requests over 10 MB; stay under it with room for headers.
@@ -34,6 +35,9 @@ pub struct BigQueryOptions {
     pub tokens: Arc<dyn TokenProvider>,
     /// Largest insertAll body.
     pub max_request_bytes: usize,
+    /// Storage Write API emulator (`http://127.0.0.1:9060`, plain gRPC); `None` for the real
+    /// service.
+    pub storage_emulator_endpoint: Option<String>,
 }
 
 /// A row BigQuery refused as invalid.
@@ -111,6 +115,7 @@ pub struct BigQuery {
     http: reqwest::Client,
     base: String,
     admin: gcp_bigquery_client::Client,
+    storage: StorageWriteClient,
     options: BigQueryOptions,
 }
 
@@ -141,12 +146,70 @@ impl BigQuery {
             .build_from_authenticator(auth)
             .await
             .map_err(|e| BqError::Auth(e.to_string()))?;
+        let storage = StorageWriteClient::new(options.storage_emulator_endpoint.as_deref())?;
         Ok(BigQuery {
             http,
             base,
             admin,
+            storage,
             options,
         })
+    }
+
+    /// Appends `rows` (`(message_id, row JSON object)`, as for [`BigQuery::insert_all`]) to
+    /// the `_default` stream of `dataset.table` with the Storage Write API, as protobuf rows of
+    /// `schema` (the table's). A row that does not convert, or that BigQuery refuses, is
+    /// returned as rejected; the message id is not sent (the stream is at-least-once).
+    pub async fn append_rows(
+        &self,
+        dataset: &str,
+        table: &str,
+        schema: &ProtoRowSchema,
+        rows: &[(&str, &[u8])],
+        stats: &Stats,
+    ) -> Result<InsertOutcome, BqError> {
+        let mut outcome = InsertOutcome::default();
+        let mut encoded = Vec::with_capacity(rows.len());
+        let mut index = Vec::with_capacity(rows.len());
+        for (i, (_, json)) in rows.iter().enumerate() {
+            let mut row = Vec::with_capacity(json.len());
+            match schema.encode_row(json, &mut row) {
+                Ok(()) => {
+                    encoded.push(row);
+                    index.push(i);
+                }
+                Err(message) => outcome.rejected.push(RowRejection {
+                    index: i,
+                    reason: "invalid".into(),
+                    message,
+                }),
+            }
+        }
+        if !encoded.is_empty() {
+            let stream_table = format!(
+                "projects/{}/datasets/{dataset}/tables/{table}",
+                self.options.project
+            );
+            let refused = crate::storage_write::append_all(
+                &self.storage,
+                &stream_table,
+                schema,
+                &encoded,
+                &self.options.retry,
+                &self.options.tokens,
+                stats,
+            )
+            .await?;
+            outcome
+                .rejected
+                .extend(refused.into_iter().map(|(i, message)| RowRejection {
+                    index: index[i],
+                    reason: "invalid".into(),
+                    message,
+                }));
+        }
+        outcome.rejected.sort_by_key(|r| r.index);
+        Ok(outcome)
     }
 
     /// The project of the datasets.

@@ -34,6 +34,18 @@ pub enum BqError {
     /// Credentials could not be obtained.
     #[error("bigquery: credentials: {0}")]
     Auth(String),
+    /// A gRPC call (the Storage Write API) failed.
+    #[error("bigquery: {op} {target}: {code:?}: {message}")]
+    Grpc {
+        /// What was attempted.
+        op: &'static str,
+        /// Target.
+        target: String,
+        /// gRPC status code.
+        code: tonic::Code,
+        /// The service's message.
+        message: String,
+    },
     /// The response could not be understood.
     #[error("bigquery: {op} {target}: unexpected response: {message}")]
     Protocol {
@@ -56,9 +68,27 @@ impl Classify for BqError {
                 _ => classify_http_status(*status),
             },
             BqError::Transport { .. } => ErrorClass::Transient,
+            BqError::Grpc { code, .. } => grpc_class(*code),
             BqError::Auth(_) => ErrorClass::Permanent,
             BqError::Protocol { .. } => ErrorClass::Transient,
         }
+    }
+}
+
+/// Which gRPC failures are worth retrying: the service's own trouble and quota (UNAVAILABLE,
+/// INTERNAL, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED, UNKNOWN, CANCELLED); a missing
+/// table, a permission, a malformed request are not.
+fn grpc_class(code: tonic::Code) -> ErrorClass {
+    use tonic::Code;
+    match code {
+        Code::Unavailable
+        | Code::Internal
+        | Code::ResourceExhausted
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::Unknown
+        | Code::Cancelled => ErrorClass::Transient,
+        _ => ErrorClass::Permanent,
     }
 }
 
@@ -88,5 +118,28 @@ mod tests {
         assert_eq!(http(500, "").class(), ErrorClass::Transient);
         assert_eq!(http(503, "backendError").class(), ErrorClass::Transient);
         assert_eq!(http(400, "invalid").class(), ErrorClass::Permanent);
+        let grpc = |code| BqError::Grpc {
+            op: "AppendRows",
+            target: "d.t".into(),
+            code,
+            message: String::new(),
+        };
+        assert_eq!(
+            grpc(tonic::Code::Unavailable).class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            grpc(tonic::Code::ResourceExhausted).class(),
+            ErrorClass::Transient
+        );
+        assert_eq!(grpc(tonic::Code::NotFound).class(), ErrorClass::Permanent);
+        assert_eq!(
+            grpc(tonic::Code::PermissionDenied).class(),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            grpc(tonic::Code::InvalidArgument).class(),
+            ErrorClass::Permanent
+        );
     }
 }

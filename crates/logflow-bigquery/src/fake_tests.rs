@@ -85,6 +85,7 @@ async fn client(endpoint: String, max_attempts: u32) -> BigQuery {
         },
         tokens: Arc::new(NoAuth),
         max_request_bytes: crate::DEFAULT_MAX_REQUEST_BYTES,
+        storage_emulator_endpoint: None,
     })
     .await
     .unwrap()

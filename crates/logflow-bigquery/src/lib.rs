@@ -17,6 +17,7 @@ mod error;
 pub mod evolve;
 #[cfg(test)]
 mod fake_tests;
+pub mod storage_write;
 
 pub use auth::BqAuthenticator;
 pub use client::{

@@ -114,6 +114,23 @@ pub struct BigQueryConfig {
     /// filter on them scan less. Existing tables are not re-clustered.
     #[serde(default)]
     pub clustering: Vec<String>,
+    /// How rows are written: `insert_all` (streaming inserts, the default: insertId =
+    /// message id, deduplicated by BigQuery for about a minute) or `storage_write` (the Storage
+    /// Write API's `_default` stream: about half the price, at-least-once, no insertId:
+    /// deduplicate on `_message_id` when reading; see README).
+    #[serde(default)]
+    pub write_api: WriteApi,
+}
+
+/// The BigQuery write path of a pipeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteApi {
+    /// `tabledata.insertAll` (REST).
+    #[default]
+    InsertAll,
+    /// Storage Write API `AppendRows` to the `_default` stream (gRPC, protobuf rows).
+    StorageWrite,
 }
 
 /// Raw archive output.
@@ -534,6 +551,10 @@ pipelines:
             (
                 GOOD.replace("bucket: raw", "bucket: raw, zstd_level: 0"),
                 "pipelines[0].archive.zstd_level: 0 is outside 1..=19",
+            ),
+            (
+                GOOD.replace("table: http", "table: http, write_api: storage"),
+                "pipelines[0].bigquery.write_api: unknown variant `storage`, expected `insert_all` or `storage_write`",
             ),
             (
                 GOOD.replace("bucket: raw", "bucket: raw, format: csv"),

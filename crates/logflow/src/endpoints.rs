@@ -11,10 +11,12 @@ pub struct Endpoints {
     pub storage: Option<String>,
     /// From `BIGQUERY_EMULATOR_HOST` (`http://host:port` or `host:port`).
     pub bigquery: Option<String>,
+    /// From `BIGQUERY_STORAGE_EMULATOR_HOST` (`host:port`, plain gRPC): the Storage Write API.
+    pub bigquery_storage: Option<String>,
 }
 
 impl Endpoints {
-    /// Reads the three variables; empty values count as unset.
+    /// Reads the variables; empty values count as unset.
     pub fn from_env() -> Self {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -34,12 +36,16 @@ impl Endpoints {
             pubsub: url("PUBSUB_EMULATOR_HOST"),
             storage: url("STORAGE_EMULATOR_HOST"),
             bigquery: url("BIGQUERY_EMULATOR_HOST"),
+            bigquery_storage: url("BIGQUERY_STORAGE_EMULATOR_HOST"),
         }
     }
 
     /// True when any service is emulated.
     pub fn any_emulated(&self) -> bool {
-        self.pubsub.is_some() || self.storage.is_some() || self.bigquery.is_some()
+        self.pubsub.is_some()
+            || self.storage.is_some()
+            || self.bigquery.is_some()
+            || self.bigquery_storage.is_some()
     }
 }
 

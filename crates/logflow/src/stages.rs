@@ -17,6 +17,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use logflow_bigquery::BigQuery;
+use logflow_bigquery::storage_write::ProtoRowSchema;
 use logflow_core::batch::next_batch;
 use logflow_core::{BatchLimits, Classify, Envelope, ErrorClass, Record, Stats};
 use logflow_gcs::archive::{self, ArchiveFormat};
@@ -28,6 +29,7 @@ use logflow_schema::{ArrowEncoder, RowMeta, table_schema};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::config::WriteApi;
 use crate::routing::{Route, TypeRouter};
 
 /// A message that goes to the dead-letter path, with the reason.
@@ -248,11 +250,14 @@ pub async fn insert_stage(
     bq: BigQuery,
     dataset: String,
     concurrency: usize,
+    write_api: WriteApi,
     mut rx: mpsc::Receiver<RowBatch>,
     dead_tx: mpsc::Sender<DeadItem>,
 ) -> anyhow::Result<()> {
     let mut ready: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
     ready.insert(Arc::clone(&ctx.router.default_route().table));
+    // Storage Write API: each table's writer schema, derived once from its message type.
+    let mut writer_schemas: HashMap<Arc<str>, Arc<ProtoRowSchema>> = HashMap::new();
     let mut inflight = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -267,7 +272,18 @@ pub async fn insert_stage(
                         }
                         ready.insert(Arc::clone(&b.route.table));
                     }
-                    inflight.push(insert_batch(&ctx, &bq, &dataset, b, &dead_tx));
+                    let writer_schema = match write_api {
+                        WriteApi::InsertAll => None,
+                        WriteApi::StorageWrite => Some(match writer_schemas.get(&b.route.table) {
+                            Some(s) => Arc::clone(s),
+                            None => {
+                                let s = Arc::new(writer_schema(&b.route)?);
+                                writer_schemas.insert(Arc::clone(&b.route.table), Arc::clone(&s));
+                                s
+                            }
+                        }),
+                    };
+                    inflight.push(insert_batch(&ctx, &bq, &dataset, b, writer_schema, &dead_tx));
                 }
                 None => break,
             },
@@ -277,6 +293,14 @@ pub async fn insert_stage(
         r?;
     }
     Ok(())
+}
+
+/// The Storage Write API schema of a route's rows: the table schema of its message type.
+fn writer_schema(route: &Route) -> anyhow::Result<ProtoRowSchema> {
+    let md = route.encoder.descriptor();
+    let schema = table_schema(md)?;
+    ProtoRowSchema::from_table_schema(&schema)
+        .map_err(|e| anyhow::anyhow!("writer schema of {}: {e}", md.full_name()))
 }
 
 /// Creates or extends the table of a message type seen for the first time.
@@ -316,6 +340,7 @@ async fn insert_batch(
     bq: &BigQuery,
     dataset: &str,
     batch: RowBatch,
+    writer_schema: Option<Arc<ProtoRowSchema>>,
     dead_tx: &mpsc::Sender<DeadItem>,
 ) -> anyhow::Result<()> {
     let table = &*batch.route.table;
@@ -331,7 +356,13 @@ async fn insert_batch(
         })
         .collect();
     let started = std::time::Instant::now();
-    let result = bq.insert_all(dataset, table, &rows, &ctx.stats).await;
+    let result = match &writer_schema {
+        None => bq.insert_all(dataset, table, &rows, &ctx.stats).await,
+        Some(schema) => {
+            bq.append_rows(dataset, table, schema, &rows, &ctx.stats)
+                .await
+        }
+    };
     ctx.stats.insert_flush.observe_since(started);
     drop(rows);
     let outcome = match result {

@@ -212,6 +212,7 @@ impl Clients {
             retry: cfg.retry,
             tokens: bq_tokens,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            storage_emulator_endpoint: endpoints.bigquery_storage.clone(),
         })
         .await?;
         let subscriber = logflow_pubsub::connect(endpoints.pubsub.as_deref()).await?;
@@ -417,6 +418,7 @@ pub fn spawn_row_stages(
         clients.bq.clone(),
         p.bigquery.dataset.clone(),
         p.bigquery.concurrency,
+        p.bigquery.write_api,
         insert_rx,
         dead_tx,
     ));

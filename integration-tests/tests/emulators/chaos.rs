@@ -36,6 +36,7 @@ async fn sink_faults_and_outages_lose_nothing() {
         pubsub: s.emu.endpoints.pubsub.clone(),
         storage: Some(gcs.endpoint()),
         bigquery: Some(bq.endpoint()),
+        bigquery_storage: s.emu.endpoints.bigquery_storage.clone(),
     };
     let faulty = Clients::connect(&cfg, &through_proxies).await.unwrap();
     let shutdown = CancellationToken::new();

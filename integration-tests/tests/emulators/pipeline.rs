@@ -213,6 +213,17 @@ async fn verify(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_is_archived_and_inserted_or_dead_lettered() {
+    every_message_lands("insert_all").await;
+}
+
+/// The same guarantees and the same rows through the Storage Write API (AppendRows over gRPC
+/// to the emulator), rows checked cell by cell against the published messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_storage_write_api_lands_the_same_rows() {
+    every_message_lands("storage_write").await;
+}
+
+async fn every_message_lands(write_api: &str) {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
     let mut streams = Vec::new();
@@ -225,13 +236,19 @@ async fn every_message_is_archived_and_inserted_or_dead_lettered() {
     {
         streams.push(published_stream(&emu, name, name, ty, 300, 11 + i as u64).await);
     }
-    let cfg = load_config(&config_yaml(
-        &emu.project,
-        &raw,
-        &dlq,
-        &dataset,
-        &streams.iter().collect::<Vec<_>>(),
-    ));
+    let cfg = load_config(
+        &config_yaml(
+            &emu.project,
+            &raw,
+            &dlq,
+            &dataset,
+            &streams.iter().collect::<Vec<_>>(),
+        )
+        .replace(
+            "bigquery: { dataset:",
+            &format!("bigquery: {{ write_api: {write_api}, dataset:"),
+        ),
+    );
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let shutdown = CancellationToken::new();
     let running = worker::start(cfg, clients.clone(), shutdown.clone())
@@ -336,6 +353,17 @@ async fn every_message_is_archived_and_inserted_or_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_bigquery_rejects_go_to_the_dead_letter_path() {
+    rejected_rows_are_dead_lettered("insert_all").await;
+}
+
+/// AppendRows requests are all-or-nothing: the rows named in `row_errors` are dead-lettered,
+/// the others of the same request are sent again (here there are none: every row is bad).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_the_storage_write_api_rejects_go_to_the_dead_letter_path() {
+    rejected_rows_are_dead_lettered("storage_write").await;
+}
+
+async fn rejected_rows_are_dead_lettered(write_api: &str) {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
     // A table made by hand whose `remote_ip` column cannot hold the strings the worker sends:
@@ -351,7 +379,12 @@ async fn rows_bigquery_rejects_go_to_the_dead_letter_path() {
     emu.table(&dataset, "http", schema).await.unwrap();
     let stream = published_stream(&emu, "bad-rows", "http", ty, 50, 5).await;
     let subscription = stream.subscription.clone();
-    let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
+    let cfg = load_config(
+        &config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
+            "bigquery: { dataset:",
+            &format!("bigquery: {{ write_api: {write_api}, dataset:"),
+        ),
+    );
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let total = stream.published.len() as u64;
     let snap = run_until_acked(cfg, &clients, total).await;
@@ -376,17 +409,109 @@ async fn rows_bigquery_rejects_go_to_the_dead_letter_path() {
                 line.error_message
             );
             if expect_bq {
-                assert!(
-                    line.error_message.contains("remote_ip"),
-                    "{}",
-                    line.error_message
-                );
+                // insertAll names the column; the emulator's AppendRows row errors name the value.
+                let names = if write_api == "insert_all" {
+                    "remote_ip"
+                } else {
+                    "Cannot convert"
+                };
+                assert!(line.error_message.contains(names), "{}", line.error_message);
             }
             *classes.entry(class).or_insert(0u64) += 1;
         }
     }
     assert_eq!(classes.values().sum::<u64>(), total, "{classes:?}");
     assert_eq!(emu.pullable(&subscription).await.unwrap(), 0);
+}
+
+/// One AppendRows request with good and bad rows: BigQuery appends none of it and names the
+/// bad rows; the worker dead-letters those and sends the good ones again. The table's
+/// `remote_ip` is a TIMESTAMP, so rows whose `remote_ip` holds a timestamp fit and the others
+/// (IP addresses) do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_append_lands_the_good_rows_and_dead_letters_the_bad() {
+    use prost::Message as _;
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
+    let ty = "acme.http.v1.HttpAccessLog";
+    let md = registry.message(ty).unwrap();
+    let mut schema = logflow_schema::table_schema(&md).unwrap();
+    for f in schema["fields"].as_array_mut().unwrap() {
+        if f["name"] == "remote_ip" {
+            f["type"] = "TIMESTAMP".into();
+        }
+    }
+    emu.table(&dataset, "http", schema).await.unwrap();
+    let now = logflow_core::time::now_micros() / 1_000_000;
+    let mut items = Vec::new();
+    let mut fits = Vec::new();
+    for (i, sample) in SampleGen::new(23, now)
+        .samples(&md, 60, 0.0)
+        .into_iter()
+        .enumerate()
+    {
+        let mut m = sample.message.unwrap();
+        let good = i % 3 != 0;
+        if good {
+            m.set_field_by_name("remote_ip", Value::String("2026-11-27T09:00:00Z".into()));
+        }
+        fits.push(good);
+        items.push((m.encode_to_vec(), Vec::new()));
+    }
+    let (_, subscription, topic_path) = emu.fresh_topic("mixed-append").await.unwrap();
+    let publisher = publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
+        .await
+        .unwrap();
+    let ids = publish::publish_all(&publisher, items).await.unwrap();
+    let stream = Stream {
+        pipeline: "http".into(),
+        subscription: subscription.clone(),
+        table: "http".into(),
+        message_type: ty.into(),
+        published: HashMap::new(),
+    };
+    let cfg = load_config(
+        &config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
+            "bigquery: { dataset:",
+            "bigquery: { write_api: storage_write, dataset:",
+        ),
+    );
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    let snap = run_until_acked(cfg, &clients, ids.len() as u64).await;
+    let good: BTreeSet<String> = ids
+        .iter()
+        .zip(&fits)
+        .filter(|(_, f)| **f)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let bad: BTreeSet<String> = ids
+        .iter()
+        .filter(|id| !good.contains(*id))
+        .cloned()
+        .collect();
+    assert_eq!(
+        (snap.inserted, snap.dead_lettered, snap.nacked),
+        (good.len() as u64, bad.len() as u64, 0),
+        "{snap:?}"
+    );
+    let rows = clients
+        .bq
+        .query(&format!("SELECT _message_id FROM {dataset}.http"))
+        .await
+        .unwrap();
+    let landed: Vec<String> = rows.iter().map(|r| cell_str(&r[0]).unwrap()).collect();
+    assert_eq!(landed.len(), good.len(), "each good row exactly once");
+    assert_eq!(landed.into_iter().collect::<BTreeSet<_>>(), good);
+    let dead = logflow_integration_tests::outputs::dead_letter_classes(
+        &clients.gcs,
+        &dlq,
+        &format!("dlq/{subscription}/"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(dead.keys().cloned().collect::<BTreeSet<_>>(), bad);
+    assert!(dead.values().all(|c| c == "bigquery_invalid"), "{dead:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
