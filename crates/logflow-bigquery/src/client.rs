@@ -35,6 +35,8 @@ pub struct BigQueryOptions {
     pub tokens: Arc<dyn TokenProvider>,
     /// Largest insertAll body.
     pub max_request_bytes: usize,
+    /// Bound on one attempt of any request (a hung connection becomes a transient error).
+    pub request_timeout: Duration,
     /// Storage Write API emulator (`http://127.0.0.1:9060`, plain gRPC); `None` for the real
     /// service.
     pub storage_emulator_endpoint: Option<String>,
@@ -136,7 +138,7 @@ impl BigQuery {
             None => BIGQUERY_API.to_string(),
         };
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
+            .timeout(options.request_timeout)
             .build()
             .map_err(|e| BqError::Auth(e.to_string()))?;
         let auth = Arc::new(BqAuthenticator(Arc::clone(&options.tokens)));
@@ -146,7 +148,10 @@ impl BigQuery {
             .build_from_authenticator(auth)
             .await
             .map_err(|e| BqError::Auth(e.to_string()))?;
-        let storage = StorageWriteClient::new(options.storage_emulator_endpoint.as_deref())?;
+        let storage = StorageWriteClient::new(
+            options.storage_emulator_endpoint.as_deref(),
+            options.request_timeout,
+        )?;
         Ok(BigQuery {
             http,
             base,

@@ -86,6 +86,7 @@ async fn client(endpoint: String, max_attempts: u32) -> BigQuery {
         tokens: Arc::new(NoAuth),
         max_request_bytes: crate::DEFAULT_MAX_REQUEST_BYTES,
         storage_emulator_endpoint: None,
+        request_timeout: std::time::Duration::from_secs(60),
     })
     .await
     .unwrap()

@@ -476,7 +476,10 @@ impl fmt::Debug for StorageWriteClient {
 
 impl StorageWriteClient {
     /// `endpoint`: `http://host:port` for the emulator (plain gRPC), `None` for the service.
-    pub(crate) fn new(endpoint: Option<&str>) -> Result<Self, BqError> {
+    pub(crate) fn new(
+        endpoint: Option<&str>,
+        request_timeout: std::time::Duration,
+    ) -> Result<Self, BqError> {
         let err = |e: &dyn fmt::Display| BqError::Transport {
             op: "AppendRows",
             target: endpoint.unwrap_or(STORAGE_API).to_string(),
@@ -486,7 +489,7 @@ impl StorageWriteClient {
             tonic::transport::Endpoint::from_shared(endpoint.unwrap_or(STORAGE_API).to_string())
                 .map_err(|e| err(&e))?
                 .connect_timeout(std::time::Duration::from_secs(10))
-                .timeout(std::time::Duration::from_secs(60))
+                .timeout(request_timeout)
                 .http2_keep_alive_interval(std::time::Duration::from_secs(30));
         let ep = if endpoint.is_none() {
             ep.tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots())
@@ -499,14 +502,16 @@ impl StorageWriteClient {
         })
     }
 
-    /// Appends `rows` (protobuf rows of `schema`) to the `_default` stream of `stream_table`
-    /// (`projects/P/datasets/D/tables/T`), in one AppendRows call of one or more requests.
+    /// Appends `rows[i]` for each `i` of `pick` (protobuf rows of `schema`) to the `_default`
+    /// stream of `stream_table` (`projects/P/datasets/D/tables/T`), in one AppendRows call of
+    /// one or more requests (each row is copied once, into its request).
     /// Returns the result of each request with the number of rows it carried.
     pub(crate) async fn append(
         &self,
         stream_table: &str,
         schema: &ProtoRowSchema,
         rows: &[Vec<u8>],
+        pick: &[usize],
         token: Option<String>,
     ) -> Result<Vec<(usize, AppendResult)>, BqError> {
         let target = stream_table.to_string();
@@ -514,13 +519,13 @@ impl StorageWriteClient {
         let mut requests = Vec::new();
         let mut counts = Vec::new();
         let mut start = 0;
-        while start < rows.len() {
+        while start < pick.len() {
             let mut size = 0;
             let mut end = start;
-            while end < rows.len()
-                && (end == start || size + rows[end].len() + 8 < MAX_APPEND_BYTES)
+            while end < pick.len()
+                && (end == start || size + rows[pick[end]].len() + 8 < MAX_APPEND_BYTES)
             {
-                size += rows[end].len() + 8;
+                size += rows[pick[end]].len() + 8;
                 end += 1;
             }
             let first = requests.is_empty();
@@ -537,7 +542,10 @@ impl StorageWriteClient {
                             proto_descriptor: Some(schema.descriptor.clone()),
                         }),
                         rows: Some(pb::ProtoRows {
-                            serialized_rows: rows[start..end].to_vec(),
+                            serialized_rows: pick[start..end]
+                                .iter()
+                                .map(|&i| rows[i].clone())
+                                .collect(),
                         }),
                     },
                 )),
@@ -663,12 +671,11 @@ pub(crate) async fn append_all(
     let mut pending: Vec<usize> = (0..rows.len()).collect();
     let mut rejected = Vec::new();
     for resend in 0..=MAX_RESENDS {
-        let batch: Vec<Vec<u8>> = pending.iter().map(|&i| rows[i].clone()).collect();
         let results = retry
             .run(
                 || async {
                     let token = tokens.token().await.map_err(BqError::Auth)?;
-                    client.append(stream_table, schema, &batch, token).await
+                    client.append(stream_table, schema, rows, &pending, token).await
                 },
                 |e, n| {
                     stats.add(&stats.retries, 1);

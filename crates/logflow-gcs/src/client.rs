@@ -26,6 +26,8 @@ pub struct GcsOptions {
     pub retry: RetryPolicy,
     /// Bearer tokens for the JSON API calls.
     pub tokens: Arc<dyn TokenProvider>,
+    /// Bound on one attempt of any request (a hung connection becomes a transient error).
+    pub request_timeout: std::time::Duration,
 }
 
 /// A listed object.
@@ -80,7 +82,7 @@ impl Gcs {
             .clone()
             .unwrap_or_else(|| GCS_JSON_API.to_string());
         let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(60))
+            .timeout(options.request_timeout)
             .build()
             .map_err(|e| GcsError::Auth(e.to_string()))?;
         Ok(Gcs {
@@ -111,7 +113,8 @@ impl Gcs {
                     let data = data.clone();
                     let first = attempt == 1;
                     async move {
-                        match self.put_once(bucket, name, data, content_type).await {
+                        let put = self.put_once(bucket, name, data, content_type);
+                        match self.bounded("put", bucket, name, put).await {
                             Err(GcsError::Http { status: 412, .. }) if !first => Ok(()),
                             other => other,
                         }
@@ -147,10 +150,34 @@ impl Gcs {
         self.options
             .retry
             .run(
-                || self.get_once(bucket, name),
+                || self.bounded("get", bucket, name, self.get_once(bucket, name)),
                 |e, n| warn!(bucket, object = name, attempt = n, error = %e, "gcs read failed, retrying"),
             )
             .await
+    }
+
+    /// One attempt, bounded by the request timeout: the SDK's writes and reads have no
+    /// attempt timeout of their own, and a connection that hangs must not hold a batch forever.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        bucket: &str,
+        name: &str,
+        attempt: impl std::future::Future<Output = Result<T, GcsError>>,
+    ) -> Result<T, GcsError> {
+        tokio::time::timeout(self.options.request_timeout, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(GcsError::Transport {
+                    op,
+                    bucket: bucket.to_string(),
+                    object: name.to_string(),
+                    message: format!(
+                        "no answer within {:?} (request_timeout)",
+                        self.options.request_timeout
+                    ),
+                })
+            })
     }
 
     async fn get_once(&self, bucket: &str, name: &str) -> Result<Bytes, GcsError> {

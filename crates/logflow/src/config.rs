@@ -29,6 +29,10 @@ pub struct Config {
     /// Retries of transient GCS and BigQuery failures.
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Bound on one attempt of a GCS or BigQuery request: an attempt with no answer by then
+    /// fails as transient and is retried. 1s to 10m.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
     /// Address of the admin endpoint (`/healthz`, `/readyz`, `/metrics`) of `logflow run`.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: String,
@@ -226,6 +230,9 @@ fn default_stream_idle_timeout() -> Duration {
 fn default_streams() -> usize {
     2
 }
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(25)
 }
@@ -354,6 +361,12 @@ impl Config {
         }
         if self.pipelines.is_empty() {
             return Err("pipelines: at least one pipeline is needed".into());
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.request_timeout) {
+            return Err(format!(
+                "request_timeout: {} is outside 1s..10m; 60s (the default) suits most networks",
+                humantime::format_duration(self.request_timeout)
+            ));
         }
         if self.shutdown_grace.is_zero() {
             return Err("shutdown_grace: must be greater than 0s, e.g. \"25s\"".into());
@@ -575,6 +588,10 @@ pipelines:
             (
                 format!("{GOOD}    flow_control: {{ max_lease: 30s }}\n"),
                 "max_lease",
+            ),
+            (
+                GOOD.replace("project: p", "project: p\nrequest_timeout: 20m"),
+                "request_timeout: 20m is outside 1s..10m",
             ),
             (
                 GOOD.replace("project: p", "project: p\nextra: 1"),

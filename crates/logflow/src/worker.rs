@@ -213,6 +213,7 @@ impl Clients {
             tokens: bq_tokens,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             storage_emulator_endpoint: endpoints.bigquery_storage.clone(),
+            request_timeout: cfg.request_timeout,
         })
         .await?;
         let subscriber = logflow_pubsub::connect(endpoints.pubsub.as_deref()).await?;
@@ -234,6 +235,7 @@ impl Clients {
             emulator_endpoint: endpoints.storage.clone(),
             retry: cfg.retry,
             tokens,
+            request_timeout: cfg.request_timeout,
         })
         .await?)
     }

@@ -28,7 +28,7 @@ async fn sink_faults_and_outages_lose_nothing() {
     let cfg = load_config(
         &config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream]).replace(
             "retry: { max_attempts: 5, max_elapsed: 30s }",
-            "retry: { max_attempts: 4, max_elapsed: 5s, initial_backoff: 50ms, max_backoff: 1s }",
+            "retry: { max_attempts: 4, max_elapsed: 5s, initial_backoff: 50ms, max_backoff: 1s }\nrequest_timeout: 2s",
         ),
     );
     assert_eq!(cfg.retry.max_attempts, 4);
@@ -74,7 +74,18 @@ async fn sink_faults_and_outages_lose_nothing() {
         tokio::time::sleep(Duration::from_secs(8)).await;
         proxy.set(Fault::Pass);
     }
-    // 3. Everything passes again: the same worker, never restarted, finishes the work.
+    // 3. Both sinks hang (connections accepted, never answered) for longer than an attempt
+    //    may last: attempts time out after request_timeout and are retried while the hang
+    //    lasts; nothing waits on a dead connection.
+    let before = stats.snapshot().retries;
+    gcs.set(Fault::Hang);
+    bq.set(Fault::Hang);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = stats.snapshot().retries - before;
+    gcs.set(Fault::Pass);
+    bq.set(Fault::Pass);
+    assert!(during > 0, "no attempt timed out during the hang");
+    // 4. Everything passes again: the same worker, never restarted, finishes the work.
     let direct = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
     let mut done = running.done;
     tokio::select! {
