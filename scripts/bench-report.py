@@ -148,6 +148,8 @@ def main():
             25000, sizes.get("encode_ndjson_zst")),
         row("insert_all_body_500_rows", "build",
             "insertAll request body from 500 pre-serialised rows", 500),
+        row("append_rows_500_rows", "convert",
+            "Storage Write API: 500 row JSONs → protobuf rows of the writer schema", 500),
         "",
     ]
     try:

@@ -1,12 +1,13 @@
 //! The sinks' CPU work per batch, on the sample log mix: encoding a raw-archive Parquet object
-//! (zstd) and building insertAll request bodies from row JSON. Throughput is in bytes of
-//! protobuf payload.
+//! (zstd, both formats) and building insertAll request bodies from row JSON, or Storage Write
+//! API protobuf rows from the same JSON. Throughput is in bytes of protobuf payload.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use logflow::samples::SampleGen;
+use logflow_bigquery::storage_write::ProtoRowSchema;
 use logflow_core::Record;
 use logflow_gcs::archive::ArchiveFormat;
 use logflow_schema::{Registry, RowEncoder, RowMeta};
@@ -113,6 +114,30 @@ fn bench(c: &mut Criterion) {
             logflow_bigquery::build_body(&rows, 0, logflow_bigquery::DEFAULT_MAX_REQUEST_BYTES)
                 .1
                 .len()
+        })
+    });
+    g.finish();
+
+    // The same rows as Storage Write API protobuf rows (what `write_api: storage_write` adds).
+    let schemas: Vec<ProtoRowSchema> = TYPES
+        .iter()
+        .map(|t| {
+            let schema =
+                logflow_schema::table_schema(&registry.message(t).expect("type")).expect("maps");
+            ProtoRowSchema::from_table_schema(&schema).expect("writer schema")
+        })
+        .collect();
+    let mut g = c.benchmark_group("append_rows_500_rows");
+    g.throughput(Throughput::Bytes(payload as u64));
+    g.bench_function("convert", |b| {
+        b.iter(|| {
+            let mut total = 0;
+            for ((_, json), (_, t)) in rows.iter().zip(batch) {
+                let mut row = Vec::with_capacity(json.len());
+                schemas[*t].encode_row(json, &mut row).expect("converts");
+                total += row.len();
+            }
+            total
         })
     });
     g.finish();
