@@ -43,6 +43,15 @@ pub(crate) fn config_yaml(
     y
 }
 
+/// `yaml` (from [`config_yaml`]) with every pipeline writing rows through `write_api`
+/// (`insert_all` or `storage_write`).
+pub(crate) fn with_write_api(yaml: &str, write_api: &str) -> String {
+    yaml.replace(
+        "bigquery: { dataset:",
+        &format!("bigquery: {{ write_api: {write_api}, dataset:"),
+    )
+}
+
 pub(crate) fn load_config(yaml: &str) -> Config {
     let dir = std::env::temp_dir().join(unique("logflow-it"));
     std::fs::create_dir_all(&dir).unwrap();

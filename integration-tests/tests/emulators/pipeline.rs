@@ -13,7 +13,7 @@ use logflow_integration_tests::{Emulators, schemas_dir, unique};
 
 use crate::common::{
     PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, published_stream,
-    run_until_acked,
+    run_until_acked, with_write_api,
 };
 use prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
 use tokio_util::sync::CancellationToken;
@@ -236,19 +236,16 @@ async fn every_message_lands(write_api: &str) {
     {
         streams.push(published_stream(&emu, name, name, ty, 300, 11 + i as u64).await);
     }
-    let cfg = load_config(
+    let cfg = load_config(&with_write_api(
         &config_yaml(
             &emu.project,
             &raw,
             &dlq,
             &dataset,
             &streams.iter().collect::<Vec<_>>(),
-        )
-        .replace(
-            "bigquery: { dataset:",
-            &format!("bigquery: {{ write_api: {write_api}, dataset:"),
         ),
-    );
+        write_api,
+    ));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let shutdown = CancellationToken::new();
     let running = worker::start(cfg, clients.clone(), shutdown.clone())
@@ -379,12 +376,10 @@ async fn rejected_rows_are_dead_lettered(write_api: &str) {
     emu.table(&dataset, "http", schema).await.unwrap();
     let stream = published_stream(&emu, "bad-rows", "http", ty, 50, 5).await;
     let subscription = stream.subscription.clone();
-    let cfg = load_config(
-        &config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
-            "bigquery: { dataset:",
-            &format!("bigquery: {{ write_api: {write_api}, dataset:"),
-        ),
-    );
+    let cfg = load_config(&with_write_api(
+        &config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]),
+        write_api,
+    ));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let total = stream.published.len() as u64;
     let snap = run_until_acked(cfg, &clients, total).await;
@@ -471,12 +466,10 @@ async fn a_mixed_append_lands_the_good_rows_and_dead_letters_the_bad() {
         message_type: ty.into(),
         published: HashMap::new(),
     };
-    let cfg = load_config(
-        &config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
-            "bigquery: { dataset:",
-            "bigquery: { write_api: storage_write, dataset:",
-        ),
-    );
+    let cfg = load_config(&with_write_api(
+        &config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]),
+        "storage_write",
+    ));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let snap = run_until_acked(cfg, &clients, ids.len() as u64).await;
     let good: BTreeSet<String> = ids
@@ -566,6 +559,15 @@ async fn start_fails_clearly_when_a_destination_is_missing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_table_gains_the_new_columns() {
+    an_older_table_is_extended("insert_all").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_table_gains_the_new_columns_before_appends() {
+    an_older_table_is_extended("storage_write").await;
+}
+
+async fn an_older_table_is_extended(write_api: &str) {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
     // The table as an older producer schema made it: without `remote_ip` and `labels`.
@@ -579,7 +581,10 @@ async fn an_older_table_gains_the_new_columns() {
     emu.table(&dataset, "http", schema).await.unwrap();
 
     let stream = published_stream(&emu, "evolve", "http", ty, 40, 9).await;
-    let cfg = load_config(&config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]));
+    let cfg = load_config(&with_write_api(
+        &config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]),
+        write_api,
+    ));
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let total = stream.published.len() as u64;
     run_until_acked(cfg, &clients, total).await;
