@@ -167,12 +167,12 @@ pub fn encode_parquet<'a>(
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns)
         .map_err(|e| GcsError::Format(e.to_string()))?;
-    parquet_file(&batch, data_bytes / 2 + 4096, level)
+    archive_parquet_file(&batch, data_bytes / 2 + 4096, level)
 }
 
 /// The default zstd level of archive objects, chosen by measurement on the sample mix
-/// (25,000 messages, `benches/sinks.rs`, BENCHMARKS.md): Parquet at level 1 encodes ~230 MiB/s
-/// of payload for a 2.48× smaller file, at level 3 ~160 MiB/s for 2.70×. The archive is
+/// (25,000 messages, `benches/sinks.rs`, BENCHMARKS.md): Parquet at level 1 encodes ~265 MiB/s
+/// of payload for a 2.48× smaller file, at level 3 ~170 MiB/s for 2.70×. The archive is
 /// written once and kept for years, so 8 % less storage outweighs ~0.8 µs of CPU per message;
 /// `archive.zstd_level: 1` makes the other trade. zstd is ~60 % of the encoding time at level 3
 /// (perf), the floor of this path.
@@ -180,15 +180,38 @@ pub const ZSTD_LEVEL: i32 = 3;
 /// The zstd levels accepted in the configuration (above 19 is slow and memory-hungry).
 pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
 
-/// One record batch as a zstd-compressed Parquet file (the format of every Parquet object).
-/// The `data` column, opaque bytes, gets no min/max statistics: they cost ~10 % of the
-/// encoding time and no reader can prune on them.
-pub fn parquet_file(batch: &RecordBatch, capacity: usize, level: i32) -> Result<Bytes, GcsError> {
+/// One raw-archive batch as a zstd-compressed Parquet file. Only `message_id` and
+/// `publish_time` get min/max statistics (per column chunk), the columns readers prune on:
+/// per-page statistics of every column cost ~20 % of the encoding time (mostly comparing
+/// payload bytes) for nothing a reader uses.
+fn archive_parquet_file(
+    batch: &RecordBatch,
+    capacity: usize,
+    level: i32,
+) -> Result<Bytes, GcsError> {
     let props = WriterProperties::builder()
+        .set_statistics_enabled(EnabledStatistics::None)
+        .set_column_statistics_enabled("message_id".into(), EnabledStatistics::Chunk)
+        .set_column_statistics_enabled("publish_time".into(), EnabledStatistics::Chunk);
+    write_parquet(batch, capacity, level, props)
+}
+
+/// One record batch as a zstd-compressed Parquet file, with default statistics (the parsed
+/// output, whose columns readers filter on).
+pub fn parquet_file(batch: &RecordBatch, capacity: usize, level: i32) -> Result<Bytes, GcsError> {
+    write_parquet(batch, capacity, level, WriterProperties::builder())
+}
+
+fn write_parquet(
+    batch: &RecordBatch,
+    capacity: usize,
+    level: i32,
+    props: parquet::file::properties::WriterPropertiesBuilder,
+) -> Result<Bytes, GcsError> {
+    let props = props
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(level).map_err(|e| GcsError::Format(e.to_string()))?,
         ))
-        .set_column_statistics_enabled("data".into(), EnabledStatistics::None)
         .build();
     let mut buf = Vec::with_capacity(capacity);
     let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
