@@ -13,30 +13,43 @@ use logflow::worker::{self, Clients};
 use logflow_integration_tests::proxy::{Fault, FaultProxy};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{PROCESS_TIMEOUT, config_yaml, load_config};
+use crate::common::{PROCESS_TIMEOUT, config_yaml, load_config, with_write_api};
 use crate::consumption::{assert_complete, setup, wait_complete};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sink_faults_and_outages_lose_nothing() {
-    let s = setup(6_000, 61).await;
-    let gcs = FaultProxy::start(s.emu.endpoints.storage.as_deref().unwrap())
-        .await
-        .unwrap();
-    let bq = FaultProxy::start(s.emu.endpoints.bigquery.as_deref().unwrap())
-        .await
-        .unwrap();
-    let cfg = load_config(
+    faults_and_outages_lose_nothing("insert_all", 6_000, 61).await;
+}
+
+/// The same with rows appended through the Storage Write API (gRPC to the emulator, its
+/// connections faulted too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_write_faults_and_outages_lose_nothing() {
+    faults_and_outages_lose_nothing("storage_write", 3_000, 62).await;
+}
+
+async fn faults_and_outages_lose_nothing(write_api: &str, n: usize, seed: u64) {
+    let s = setup(n, seed).await;
+    let start = |target: Option<String>| async move {
+        FaultProxy::start(target.as_deref().unwrap()).await.unwrap()
+    };
+    let gcs = start(s.emu.endpoints.storage.clone()).await;
+    // BigQuery's REST API (tables, insertAll) and its Storage Write API (gRPC).
+    let bq = start(s.emu.endpoints.bigquery.clone()).await;
+    let bqs = start(s.emu.endpoints.bigquery_storage.clone()).await;
+    let cfg = load_config(&with_write_api(
         &config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream]).replace(
             "retry: { max_attempts: 5, max_elapsed: 30s }",
             "retry: { max_attempts: 4, max_elapsed: 5s, initial_backoff: 50ms, max_backoff: 1s }\nrequest_timeout: 2s",
         ),
-    );
+        write_api,
+    ));
     assert_eq!(cfg.retry.max_attempts, 4);
     let through_proxies = Endpoints {
         pubsub: s.emu.endpoints.pubsub.clone(),
         storage: Some(gcs.endpoint()),
         bigquery: Some(bq.endpoint()),
-        bigquery_storage: s.emu.endpoints.bigquery_storage.clone(),
+        bigquery_storage: Some(bqs.endpoint()),
     };
     let faulty = Clients::connect(&cfg, &through_proxies).await.unwrap();
     let shutdown = CancellationToken::new();
@@ -64,26 +77,26 @@ async fn sink_faults_and_outages_lose_nothing() {
         );
         gcs.set_rate(kinds[i % kinds.len()], 333);
         bq.set_rate(kinds[(i + 1) % kinds.len()], 333);
+        bqs.set_rate(kinds[(i + 2) % kinds.len()], 333);
         i += 1;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     // 2. An outage of GCS, then one of BigQuery, each longer than the retry budget: batches
     //    fail, their messages are nacked and come back.
-    for proxy in [&gcs, &bq] {
-        proxy.set(Fault::Reset);
+    for sink in [&[&gcs][..], &[&bq, &bqs]] {
+        sink.iter().for_each(|p| p.set(Fault::Reset));
         tokio::time::sleep(Duration::from_secs(8)).await;
-        proxy.set(Fault::Pass);
+        sink.iter().for_each(|p| p.set(Fault::Pass));
     }
     // 3. Both sinks hang (connections accepted, never answered) for longer than an attempt
     //    may last: attempts time out after request_timeout and are retried while the hang
     //    lasts; nothing waits on a dead connection.
     let before = stats.snapshot().retries;
-    gcs.set(Fault::Hang);
-    bq.set(Fault::Hang);
+    let all = [&gcs, &bq, &bqs];
+    all.iter().for_each(|p| p.set(Fault::Hang));
     tokio::time::sleep(Duration::from_secs(6)).await;
     let during = stats.snapshot().retries - before;
-    gcs.set(Fault::Pass);
-    bq.set(Fault::Pass);
+    all.iter().for_each(|p| p.set(Fault::Pass));
     assert!(during > 0, "no attempt timed out during the hang");
     // 4. Everything passes again: the same worker, never restarted, finishes the work.
     let direct = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
@@ -99,14 +112,16 @@ async fn sink_faults_and_outages_lose_nothing() {
         .expect("the pipeline recovered by itself (no permanent error)");
     let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
     let dups = assert_complete(&s, &clients).await;
-    let faults =
-        gcs.counts.faulted.load(Ordering::Relaxed) + bq.counts.faulted.load(Ordering::Relaxed);
+    let faults: u64 = all
+        .iter()
+        .map(|p| p.counts.faulted.load(Ordering::Relaxed))
+        .sum();
     assert!(
         faults > 0 && snap.retries > 0,
         "faults were injected and retried: {snap:?}"
     );
     eprintln!(
-        "chaos: {faults} faulty connections, {} retries, {} messages nacked and redelivered, {dups} archived twice, 0 lost",
+        "chaos ({write_api}): {faults} faulty connections, {} retries, {} messages nacked and redelivered, {dups} archived twice, 0 lost",
         snap.retries, snap.nacked
     );
 }
