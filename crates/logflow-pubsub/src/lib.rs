@@ -14,4 +14,6 @@
 
 mod source;
 
-pub use source::{PubsubSource, SourceError, SourceOptions, connect};
+pub use source::{
+    PubsubSource, SourceError, SourceOptions, SubscriptionCheck, check_subscription, connect,
+};

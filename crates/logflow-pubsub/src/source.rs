@@ -86,6 +86,46 @@ pub async fn connect(emulator_endpoint: Option<&str>) -> Result<Subscriber, Sour
         .map_err(|e| SourceError::Client(e.to_string()))
 }
 
+/// Whether a subscription can be pulled from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionCheck {
+    /// It exists (and the caller may read its configuration).
+    Exists,
+    /// Pub/Sub says NOT_FOUND.
+    Missing,
+    /// Pub/Sub says PERMISSION_DENIED: the message, which names the missing permission.
+    Denied(String),
+}
+
+/// Asks Pub/Sub for subscription `name` (`projects/P/subscriptions/S`), for start-up checks.
+pub async fn check_subscription(
+    emulator_endpoint: Option<&str>,
+    name: &str,
+) -> Result<SubscriptionCheck, SourceError> {
+    // One attempt: a start-up check reports, the operator decides.
+    let mut b = google_cloud_pubsub::client::SubscriptionAdmin::builder()
+        .with_retry_policy(google_cloud_gax::retry_policy::NeverRetry);
+    if let Some(ep) = emulator_endpoint {
+        b = b
+            .with_endpoint(ep)
+            .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build());
+    }
+    let admin = b
+        .build()
+        .await
+        .map_err(|e| SourceError::Client(e.to_string()))?;
+    match admin.get_subscription().set_subscription(name).send().await {
+        Ok(_) => Ok(SubscriptionCheck::Exists),
+        Err(e) => match e.status().map(|s| s.code) {
+            Some(google_cloud_gax::error::rpc::Code::NotFound) => Ok(SubscriptionCheck::Missing),
+            Some(google_cloud_gax::error::rpc::Code::PermissionDenied) => {
+                Ok(SubscriptionCheck::Denied(e.to_string()))
+            }
+            _ => Err(SourceError::Client(e.to_string())),
+        },
+    }
+}
+
 /// Streams the messages of one subscription into the pipeline.
 #[derive(Debug)]
 pub struct PubsubSource {

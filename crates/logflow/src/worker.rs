@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use logflow_bigquery::{BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES};
 use logflow_core::{Envelope, NoAuth, Stats, TokenProvider};
 use logflow_gcs::{Gcs, GcsOptions, ObjectNamer};
-use logflow_pubsub::{PubsubSource, SourceOptions};
+use logflow_pubsub::{PubsubSource, SourceOptions, SubscriptionCheck};
 use logflow_schema::{Registry, SchemaSource, table_schema};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -163,8 +163,24 @@ pub async fn check_destinations(cfg: &Config, clients: &Clients) -> anyhow::Resu
             ),
             Err(e) => anyhow::bail!("{at}.bigquery.dataset: cannot check dataset `{dataset}`: {e}"),
         }
+        let subscription = p.subscription_path(&cfg.project);
+        match logflow_pubsub::check_subscription(clients.pubsub_emulator.as_deref(), &subscription)
+            .await
+        {
+            Ok(SubscriptionCheck::Exists) => {}
+            Ok(SubscriptionCheck::Missing) => anyhow::bail!(
+                "{at}.subscription: `{subscription}` does not exist: create it (`gcloud pubsub subscriptions create {} --topic TOPIC --ack-deadline 60`) or fix the name",
+                p.subscription.rsplit('/').next().unwrap_or(&p.subscription)
+            ),
+            Ok(SubscriptionCheck::Denied(e)) => anyhow::bail!(
+                "{at}.subscription: not allowed to read `{subscription}`: grant the worker's service account roles/pubsub.subscriber on it ({e})"
+            ),
+            Err(e) => anyhow::bail!(
+                "{at}.subscription: cannot reach Pub/Sub to check `{subscription}`: {e} (check the network, or PUBSUB_EMULATOR_HOST)"
+            ),
+        }
         lines.push(format!(
-            "pipeline {}: buckets and dataset `{dataset}` reachable",
+            "pipeline {}: subscription, buckets and dataset `{dataset}` reachable",
             p.name
         ));
     }
@@ -195,6 +211,8 @@ pub struct Clients {
     pub bq: BigQuery,
     /// Pub/Sub subscriber.
     pub subscriber: google_cloud_pubsub::client::Subscriber,
+    /// The Pub/Sub emulator, when one is used (for the admin calls of the start-up checks).
+    pub pubsub_emulator: Option<String>,
 }
 
 impl Clients {
@@ -218,6 +236,7 @@ impl Clients {
         .await?;
         let subscriber = logflow_pubsub::connect(endpoints.pubsub.as_deref()).await?;
         Ok(Clients {
+            pubsub_emulator: endpoints.pubsub.clone(),
             gcs,
             bq,
             subscriber,

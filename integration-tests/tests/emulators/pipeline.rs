@@ -937,9 +937,10 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 async fn check_config_names_each_mistake_and_its_fix() {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
+    let (_, subscription, _) = emu.fresh_topic("check").await.unwrap();
     let stream = Stream {
         pipeline: "t".into(),
-        subscription: "unused".into(),
+        subscription: subscription.clone(),
         table: "t".into(),
         message_type: "acme.http.v1.HttpAccessLog".into(),
         published: HashMap::new(),
@@ -972,9 +973,31 @@ async fn check_config_names_each_mistake_and_its_fix() {
             vec!["pipelines[0].bigquery", "unknown field `tabel`"],
         ),
         (
-            good.replace("    subscription: unused\n", ""),
+            good.replace(&format!("    subscription: {subscription}\n"), ""),
             vec![],
             vec!["pipelines[0]", "missing field `subscription`"],
+        ),
+        (
+            good.replace(
+                &format!("subscription: {subscription}"),
+                "subscription: no-such-sub",
+            ),
+            vec![],
+            vec![
+                "pipelines[0] (t).subscription",
+                "projects/test-project/subscriptions/no-such-sub",
+                "does not exist",
+                "gcloud pubsub subscriptions create no-such-sub",
+            ],
+        ),
+        (
+            good.clone(),
+            vec![("PUBSUB_EMULATOR_HOST", "127.0.0.1:9")],
+            vec![
+                "pipelines[0] (t).subscription",
+                "cannot reach Pub/Sub",
+                "PUBSUB_EMULATOR_HOST",
+            ],
         ),
         (
             good.replace("max_age: 500ms", "max_age: soon"),
