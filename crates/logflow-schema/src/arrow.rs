@@ -97,7 +97,11 @@ fn metadata_fields() -> Vec<Field> {
 
 /// The Arrow schema of parsed files of `md`: metadata columns, then the message's columns.
 pub fn arrow_schema(md: &MessageDescriptor) -> Result<SchemaRef, SchemaError> {
-    Ok(ArrowEncoder::new(md.clone())?.schema())
+    // The schema does not depend on the key: plan without one.
+    let plan = MessagePlan::root(md, None)?;
+    let mut fields = metadata_fields();
+    fields.extend(plan.fields.iter().map(column_field));
+    Ok(Arc::new(Schema::new(fields)))
 }
 
 /// Builds record batches of one message type.
@@ -109,9 +113,19 @@ pub struct ArrowEncoder {
 }
 
 impl ArrowEncoder {
-    /// Plans the Arrow mapping of `descriptor`.
+    /// Plans the Arrow mapping of `descriptor` (fails when a field must be hashed: use
+    /// [`ArrowEncoder::with_pii_key`]).
     pub fn new(descriptor: MessageDescriptor) -> Result<Self, SchemaError> {
-        let plan = MessagePlan::root(&descriptor)?;
+        Self::with_pii_key(descriptor, None)
+    }
+
+    /// Like [`ArrowEncoder::new`], hashing `(logflow.pii) = HASH` fields with `key`.
+    pub fn with_pii_key(
+        descriptor: MessageDescriptor,
+        key: Option<&crate::PiiKey>,
+    ) -> Result<Self, SchemaError> {
+        let plan = MessagePlan::root(&descriptor, key)?;
+        crate::pii::check_key(&plan, descriptor.full_name(), key)?;
         let mut fields = metadata_fields();
         fields.extend(plan.fields.iter().map(column_field));
         Ok(ArrowEncoder {
@@ -138,7 +152,8 @@ impl ArrowEncoder {
         let mut failed = Vec::new();
         for (i, r) in rows.iter().enumerate() {
             match DynamicMessage::decode(self.descriptor.clone(), r.1) {
-                Ok(m) => {
+                Ok(mut m) => {
+                    crate::pii::apply(&self.plan, &mut m);
                     msgs.push(m);
                     kept.push(r);
                 }

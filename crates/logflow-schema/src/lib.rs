@@ -8,6 +8,7 @@
 
 mod arrow;
 mod error;
+pub mod pii;
 mod plan;
 mod registry;
 mod row;
@@ -17,6 +18,7 @@ mod wkt;
 
 pub use arrow::{ArrowEncoder, arrow_schema};
 pub use error::{DecodeError, DecodeErrorKind, SchemaError};
+pub use pii::{PiiAction, PiiKey};
 pub use registry::{Registry, SchemaSource};
 pub use row::{RowEncoder, RowMeta};
 pub use table::{METADATA_COLUMNS, table_schema};

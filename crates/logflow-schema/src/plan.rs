@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 
 use crate::MAX_RECORD_DEPTH;
+use crate::pii::{PiiAction, PiiKey, PiiRule};
 use crate::error::SchemaError;
 use crate::table::METADATA_COLUMNS;
 use crate::wkt::{Wkt, classify};
@@ -108,6 +109,8 @@ pub(crate) struct FieldPlan {
     /// Bit `w` set: an occurrence with wire type `w` belongs to this field (other wire types
     /// are unknown fields). Filled in by [`MessagePlan::new`].
     pub(crate) wires: u8,
+    /// `(logflow.pii) = HASH | MASK`: the value is transformed when written.
+    pub(crate) pii: Option<PiiRule>,
 }
 
 /// The columns of one record, in field-number order.
@@ -161,9 +164,13 @@ impl MessagePlan {
 
 impl MessagePlan {
     /// Plans the root message of a table, checking every rule that can fail at load time.
-    pub(crate) fn root(md: &MessageDescriptor) -> Result<MessagePlan, SchemaError> {
+    /// `key` hashes the `(logflow.pii) = HASH` fields (plans for schemas need none).
+    pub(crate) fn root(
+        md: &MessageDescriptor,
+        key: Option<&PiiKey>,
+    ) -> Result<MessagePlan, SchemaError> {
         let mut path = vec![md.full_name().to_string()];
-        let plan = plan_message(md, 1, &mut path)?;
+        let plan = plan_message(md, 1, &mut path, key)?;
         for f in &plan.fields {
             let lower = f.field.name().to_ascii_lowercase();
             if METADATA_COLUMNS.iter().any(|(m, ..)| *m == lower) {
@@ -215,6 +222,7 @@ fn plan_message(
     md: &MessageDescriptor,
     level: usize,
     path: &mut Vec<String>,
+    pii_key: Option<&PiiKey>,
 ) -> Result<MessagePlan, SchemaError> {
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut fields = Vec::new();
@@ -247,6 +255,12 @@ fn plan_message(
                 ),
             ));
         }
+        let pii = match crate::pii::field_action(&fd)? {
+            Some(PiiAction::Drop) => continue,
+            Some(PiiAction::Hash) => Some(PiiRule::Hash(pii_key.cloned())),
+            Some(PiiAction::Mask) => Some(PiiRule::Mask),
+            None => None,
+        };
         let shape = if fd.is_map() {
             let entry = match fd.kind() {
                 Kind::Message(m) => m,
@@ -255,10 +269,10 @@ fn plan_message(
             let key = entry.map_entry_key_field().kind();
             let value_field = entry.map_entry_value_field();
             // The entry RECORD is at this level; its value one deeper.
-            let value = kind_shape(&value_field.kind(), level + 1, path)?.map(Box::new);
+            let value = kind_shape(&value_field.kind(), level + 1, path, pii_key)?.map(Box::new);
             Some(Shape::Map { key, value })
         } else {
-            kind_shape(&fd.kind(), level, path)?
+            kind_shape(&fd.kind(), level, path, pii_key)?
         };
         if let Some(shape) = shape {
             let json_key = format!("\"{name}\":").into_bytes().into_boxed_slice();
@@ -283,6 +297,7 @@ fn plan_message(
                 json_key,
                 shape,
                 wires: 0,
+                pii,
             });
         }
     }
@@ -322,6 +337,7 @@ fn kind_shape(
     kind: &Kind,
     level: usize,
     path: &mut Vec<String>,
+    key: Option<&PiiKey>,
 ) -> Result<Option<Shape>, SchemaError> {
     let md = match kind {
         Kind::Message(md) => md,
@@ -341,7 +357,7 @@ fn kind_shape(
                 Some(Shape::Json(md.clone()))
             } else {
                 path.push(name);
-                let sub = plan_message(md, level + 1, path);
+                let sub = plan_message(md, level + 1, path, key);
                 path.pop();
                 let sub = sub?;
                 if sub.fields.is_empty() {
@@ -361,7 +377,7 @@ mod tests {
 
     fn plan_of(source: &str, ty: &str) -> Result<MessagePlan, SchemaError> {
         let r = registry_from_source("t.proto", source);
-        MessagePlan::root(&r.message(ty).unwrap())
+        MessagePlan::root(&r.message(ty).unwrap(), None)
     }
 
     #[test]

@@ -14,6 +14,8 @@ use crate::error::SchemaError;
 #[derive(Debug, Clone)]
 pub struct Registry {
     pool: DescriptorPool,
+    /// Hashes `(logflow.pii) = HASH` fields in the encoders made from this registry.
+    pii_key: Option<crate::PiiKey>,
 }
 
 /// One source of descriptors, already read into memory. The caller does the I/O (local files,
@@ -165,7 +167,21 @@ impl Registry {
             pool.add_file_descriptor_set(set)
                 .map_err(|e| err(e.to_string()))?;
         }
-        Ok(Registry { pool })
+        Ok(Registry {
+            pool,
+            pii_key: None,
+        })
+    }
+
+    /// The key that hashes `(logflow.pii) = HASH` fields (from the worker's secret).
+    pub fn with_pii_key(mut self, key: Option<crate::PiiKey>) -> Self {
+        self.pii_key = key;
+        self
+    }
+
+    /// The key of `HASH` fields, if the worker has one.
+    pub fn pii_key(&self) -> Option<&crate::PiiKey> {
+        self.pii_key.as_ref()
     }
 
     /// Compiles every `.proto` file under `dirs` (recursively); imports resolve against `dirs`
@@ -194,6 +210,7 @@ impl Registry {
         compiler.open_files(files).map_err(compile_err)?;
         Ok(Registry {
             pool: compiler.descriptor_pool(),
+            pii_key: None,
         })
     }
 

@@ -46,9 +46,19 @@ thread_local! {
 }
 
 impl RowEncoder {
-    /// Plans the mapping of `descriptor`; fails on schema errors (names, limits).
+    /// Plans the mapping of `descriptor`; fails on schema errors (names, limits), and when a
+    /// field is marked `(logflow.pii) = HASH` (use [`RowEncoder::with_pii_key`]).
     pub fn new(descriptor: MessageDescriptor) -> Result<Self, SchemaError> {
-        let plan = MessagePlan::root(&descriptor)?;
+        Self::with_pii_key(descriptor, None)
+    }
+
+    /// Like [`RowEncoder::new`], hashing `(logflow.pii) = HASH` fields with `key`.
+    pub fn with_pii_key(
+        descriptor: MessageDescriptor,
+        key: Option<&crate::PiiKey>,
+    ) -> Result<Self, SchemaError> {
+        let plan = MessagePlan::root(&descriptor, key)?;
+        crate::pii::check_key(&plan, descriptor.full_name(), key)?;
         let mut type_json = Vec::new();
         push_json_str(&mut type_json, descriptor.full_name());
         Ok(RowEncoder {
@@ -102,8 +112,9 @@ impl RowEncoder {
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), DecodeError> {
-        let msg = DynamicMessage::decode(self.descriptor.clone(), payload)
+        let mut msg = DynamicMessage::decode(self.descriptor.clone(), payload)
             .map_err(|e| DecodeError::new(DecodeErrorKind::InvalidProtobuf, e.to_string()))?;
+        crate::pii::apply(&self.plan, &mut msg);
         let start = out.len();
         self.write_meta(meta, out);
         let r = write_fields(&self.plan, &msg, out, false);

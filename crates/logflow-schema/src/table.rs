@@ -4,6 +4,7 @@ use prost_reflect::{Kind, MessageDescriptor};
 use serde_json::{Value, json};
 
 use crate::error::SchemaError;
+use crate::pii::{PiiAction, PiiRule};
 use crate::plan::{FieldPlan, MessagePlan, Shape};
 
 /// The metadata columns, first in every table, in this order: (name, type, mode, description).
@@ -48,7 +49,7 @@ pub const METADATA_COLUMNS: [(&str, &str, &str, &str); 6] = [
 
 /// The `schema` object of a BigQuery `Table` resource (`{"fields": [...]}`) for `md`.
 pub fn table_schema(md: &MessageDescriptor) -> Result<Value, SchemaError> {
-    let plan = MessagePlan::root(md)?;
+    let plan = MessagePlan::root(md, None)?;
     let mut fields: Vec<Value> = METADATA_COLUMNS
         .iter()
         .map(|(name, ty, mode, description)| {
@@ -80,10 +81,31 @@ fn field_schema(f: &FieldPlan) -> Value {
         "NULLABLE"
     };
     let mut col = column(f.field.name(), &f.shape, mode);
-    if let Some(d) = comment(&f.field) {
+    let pii = f.pii.as_ref().map(|r| match r {
+        PiiRule::Hash(_) => PiiAction::Hash.describe(),
+        PiiRule::Mask => PiiAction::Mask.describe(),
+    });
+    let text = match (comment(&f.field), pii) {
+        (Some(c), Some(p)) => Some(fit_description(format!("{p}. {c}"))),
+        (Some(c), None) => Some(c),
+        (None, Some(p)) => Some(p.to_string()),
+        (None, None) => None,
+    };
+    if let Some(d) = text {
         col["description"] = Value::String(d);
     }
     col
+}
+
+fn fit_description(mut text: String) -> String {
+    if text.len() > MAX_DESCRIPTION {
+        let mut cut = MAX_DESCRIPTION;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
 }
 
 /// BigQuery's limit on a column description.
@@ -99,18 +121,11 @@ fn comment(f: &prost_reflect::FieldDescriptor) -> Option<String> {
         .leading_comments
         .as_deref()
         .or(loc.trailing_comments.as_deref())?;
-    let mut folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let folded = text.split_whitespace().collect::<Vec<_>>().join(" ");
     if folded.is_empty() {
         return None;
     }
-    if folded.len() > MAX_DESCRIPTION {
-        let mut cut = MAX_DESCRIPTION;
-        while !folded.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        folded.truncate(cut);
-    }
-    Some(folded)
+    Some(fit_description(folded))
 }
 
 fn column(name: &str, shape: &Shape, mode: &str) -> Value {

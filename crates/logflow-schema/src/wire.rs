@@ -395,7 +395,7 @@ fn write_fields(
                 write_repeated(f, buf, mine, scratch, depth, out)?;
             } else if matches!(f.shape, Shape::Scalar(_) | Shape::Enum(_)) {
                 let last = mine[mine.len() - 1];
-                write_scalar(&f.shape, last.wire, last.bytes(buf), out)?;
+                write_field_scalar(f, last.wire, last.bytes(buf), out)?;
             } else {
                 write_message_value(&f.shape, buf, mine, scratch, depth, out)?;
             }
@@ -459,7 +459,7 @@ fn write_repeated(
                     out.push(b',');
                 }
                 n += 1;
-                write_scalar(&f.shape, o.wire, o.bytes(buf), out)?;
+                write_field_scalar(f, o.wire, o.bytes(buf), out)?;
             }
             shape => {
                 if n > 0 {
@@ -795,6 +795,27 @@ fn seconds_nanos(buf: &[u8], parts: &[Occ]) -> Result<(i64, i32), DecodeError> {
         return Err(e);
     }
     Ok((secs as i64, nanos as i32))
+}
+
+/// A field's scalar value, transformed when the field holds personal data (strings only:
+/// checked at plan time). Invalid UTF-8 stays a data error either way.
+#[inline]
+fn write_field_scalar(
+    f: &FieldPlan,
+    wire: u8,
+    b: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), DecodeError> {
+    match &f.pii {
+        None => write_scalar(&f.shape, wire, b, out),
+        Some(rule) => {
+            if wire != LEN || std::str::from_utf8(b).is_err() {
+                return Err(invalid("invalid UTF-8 in a string field"));
+            }
+            rule.push_json(b, out);
+            Ok(())
+        }
+    }
 }
 
 /// A scalar or enum value from its wire bytes.

@@ -26,3 +26,21 @@ pub fn install_crypto_provider() {
     // An error only means a provider is installed already.
     let _already = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// The environment variable holding the secret that hashes `(logflow.pii) = HASH` fields.
+pub const PII_KEY_ENV: &str = "LOGFLOW_PII_KEY";
+
+/// The PII key from [`PII_KEY_ENV`] (mount it from a Kubernetes Secret), if set. A key that
+/// is too short is an error naming the variable.
+pub fn pii_key_from_env() -> anyhow::Result<Option<logflow_schema::PiiKey>> {
+    match std::env::var_os(PII_KEY_ENV) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => {
+            let bytes = v.as_encoded_bytes();
+            logflow_schema::PiiKey::new(bytes)
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("{PII_KEY_ENV}: {e}"))
+        }
+    }
+}

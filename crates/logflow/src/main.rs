@@ -327,7 +327,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             use std::io::{Read as _, Write as _};
             let md = schemas.load()?.message(&type_name)?;
-            let encoder = logflow_schema::RowEncoder::new(md)?;
+            let key = logflow::pii_key_from_env()?;
+            let encoder = logflow_schema::RowEncoder::with_pii_key(md, key.as_ref())?;
             let mut payload = Vec::new();
             match &input {
                 Some(path) => {

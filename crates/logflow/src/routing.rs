@@ -67,7 +67,7 @@ impl TypeRouter {
         let md = registry.message(default_type)?;
         let default = Arc::new(Route {
             table: Arc::from(table_name(table, md.name())),
-            encoder: RowEncoder::new(md)?,
+            encoder: RowEncoder::with_pii_key(md, registry.pii_key())?,
         });
         Ok(TypeRouter {
             registry,
@@ -76,6 +76,11 @@ impl TypeRouter {
             table_template: per_type.then(|| table.to_string()),
             cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The key hashing `(logflow.pii) = HASH` fields, if the worker has one.
+    pub fn pii_key(&self) -> Option<&logflow_schema::PiiKey> {
+        self.registry.pii_key()
     }
 
     /// The default type's route.
@@ -129,7 +134,7 @@ impl TypeRouter {
             .map_err(|e| e.to_string())
             .and_then(|md| {
                 let table = table_name(template, md.name());
-                RowEncoder::new(md)
+                RowEncoder::with_pii_key(md, self.registry.pii_key())
                     .map(|encoder| {
                         Arc::new(Route {
                             encoder,

@@ -480,7 +480,7 @@ pub async fn parsed_stage(
                 let md = route.encoder.descriptor();
                 let name = md.full_name().to_string();
                 if !encoders.contains_key(&name) {
-                    let enc = ArrowEncoder::new(md.clone())?;
+                    let enc = ArrowEncoder::with_pii_key(md.clone(), ctx.router.pii_key())?;
                     encoders.insert(
                         name.clone(),
                         (Arc::new(enc), ObjectNamer::new(&cfg.prefix, &name, &worker)),

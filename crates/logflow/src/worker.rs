@@ -79,7 +79,7 @@ pub async fn load_registry(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Re
             }
         });
     }
-    Registry::from_sources(&sources).map_err(Into::into)
+    Ok(Registry::from_sources(&sources)?.with_pii_key(crate::pii_key_from_env()?))
 }
 
 /// `gs://bucket/rest` → `(bucket, rest)`.
@@ -98,6 +98,9 @@ pub async fn check_config(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Vec
             .message(&p.message_type)
             .with_context(|| format!("pipelines[{i}].message_type"))?;
         let schema = table_schema(&md).with_context(|| format!("pipelines[{i}].message_type"))?;
+        // Rows can be encoded: a type with `(logflow.pii) = HASH` fields needs the key.
+        logflow_schema::RowEncoder::with_pii_key(md.clone(), registry.pii_key())
+            .with_context(|| format!("pipelines[{i}].message_type"))?;
         let columns = schema["fields"].as_array().map_or(0, Vec::len);
         lines.push(format!(
             "pipeline {}: {} -> {}.{} ({columns} top-level columns), archive gs://{}/{}, dead letters gs://{}/{}",
