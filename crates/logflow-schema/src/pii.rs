@@ -338,7 +338,10 @@ message M {
         let r = registry(SOURCE);
         let md = r.message("t.M").unwrap();
         let e = RowEncoder::new(md.clone()).unwrap_err().to_string();
-        assert!(e.contains("t.M.email") && e.contains("LOGFLOW_PII_KEY"), "{e}");
+        assert!(
+            e.contains("t.M.email") && e.contains("LOGFLOW_PII_KEY"),
+            "{e}"
+        );
 
         let key = PiiKey::new(KEY).unwrap();
         let enc = RowEncoder::with_pii_key(md, Some(&key)).unwrap();
@@ -383,7 +386,10 @@ message M {
             .iter()
             .map(|f| f["name"].as_str().unwrap())
             .collect();
-        assert!(!names.contains(&"phone") && names.contains(&"email"), "{names:?}");
+        assert!(
+            !names.contains(&"phone") && names.contains(&"email"),
+            "{names:?}"
+        );
         let email = schema["fields"]
             .as_array()
             .unwrap()
@@ -416,7 +422,11 @@ message M {
         let inner = batch.column_by_name("inner").unwrap().as_struct();
         assert!(inner.column_by_name("n").is_none());
         assert_eq!(
-            inner.column_by_name("ip").unwrap().as_string::<i32>().value(0),
+            inner
+                .column_by_name("ip")
+                .unwrap()
+                .as_string::<i32>()
+                .value(0),
             expected_hash(KEY, "10.0.0.1")
         );
         assert!(inner.is_valid(0));
@@ -430,7 +440,10 @@ message M {
         let e = table_schema(&r.message("t.M").unwrap())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("t.M") && e.contains("applies to string fields"), "{e}");
+        assert!(
+            e.contains("t.M") && e.contains("applies to string fields"),
+            "{e}"
+        );
         assert!(PiiKey::new(b"short").unwrap_err().contains("at least 16"));
     }
 

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 
 use crate::MAX_RECORD_DEPTH;
-use crate::pii::{PiiAction, PiiKey, PiiRule};
 use crate::error::SchemaError;
+use crate::pii::{PiiAction, PiiKey, PiiRule};
 use crate::table::METADATA_COLUMNS;
 use crate::wkt::{Wkt, classify};
 

@@ -168,7 +168,7 @@ pub(crate) fn logflow_binary() -> PathBuf {
 
 /// Starts the real binary on `yaml` as worker `worker_id`; returns it, a thread collecting its
 /// log lines, and its admin endpoint's address, once it logged that the endpoint listens.
-fn spawn_worker(
+pub(crate) fn spawn_worker(
     yaml: &str,
     worker_id: &str,
     env: &[(&str, &str)],
@@ -561,7 +561,7 @@ async fn drain_with_a_new_worker(
 }
 
 /// Sends `signal` (`-TERM`, `-KILL`) to the worker process `pid` (one this test started).
-fn send_signal(signal: &str, pid: &str) {
+pub(crate) fn send_signal(signal: &str, pid: &str) {
     assert!(
         Command::new("kill")
             .args([signal, pid])

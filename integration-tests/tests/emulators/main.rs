@@ -6,6 +6,7 @@
 mod chaos;
 mod common;
 mod consumption;
+mod governance;
 mod hostile;
 mod pipeline;
 mod replay;

@@ -1,0 +1,207 @@
+//! Schema governance: fields marked as personal data never reach BigQuery or the parsed
+//! Parquet in clear. The real binary runs with `LOGFLOW_PII_KEY` in its environment; the
+//! outputs are read back and checked against hashes computed here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use arrow::array::AsArray as _;
+use hmac::{KeyInit as _, Mac as _};
+use logflow::publish;
+use logflow::worker::Clients;
+use logflow_integration_tests::{Emulators, unique};
+use prost::Message as _;
+use prost_reflect::{DynamicMessage, Value};
+
+use crate::common::{PROCESS_TIMEOUT, destinations, load_config};
+use crate::consumption::{send_signal, spawn_worker};
+
+const KEY: &str = "governance-test-key-0123456789";
+
+const SIGNUP: &str = r#"
+syntax = "proto3";
+package acme.signup.v1;
+import "logflow/options.proto";
+
+message SignupEvent {
+  // The address the customer signed up with.
+  string email = 1 [(logflow.pii) = HASH];
+  string full_name = 2 [(logflow.pii) = MASK];
+  string phone = 3 [(logflow.pii) = DROP];
+  string plan = 4;
+}
+"#;
+
+fn hmac_hex(value: &str) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(KEY.as_bytes()).unwrap();
+    mac.update(value.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personal_data_never_reaches_bigquery_or_parquet_in_clear() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let parsed = unique("parsed");
+    emu.bucket(&parsed).await.unwrap();
+
+    // The producer's schema, next to logflow's options.
+    let dir = std::env::temp_dir().join(unique("logflow-pii-schemas"));
+    std::fs::create_dir_all(dir.join("logflow")).unwrap();
+    std::fs::create_dir_all(dir.join("acme/signup/v1")).unwrap();
+    std::fs::copy(
+        logflow_integration_tests::schemas_dir().join("logflow/options.proto"),
+        dir.join("logflow/options.proto"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("acme/signup/v1/signup.proto"), SIGNUP).unwrap();
+    let registry = logflow_schema::Registry::from_proto_dirs(std::slice::from_ref(&dir)).unwrap();
+    let md = registry.message("acme.signup.v1.SignupEvent").unwrap();
+
+    let mut items = Vec::new();
+    let mut sent = Vec::new();
+    for i in 0..60 {
+        let email = format!("user{i}@example.com");
+        let phone = format!("+44 20 7946 {i:04}");
+        let mut m = DynamicMessage::new(md.clone());
+        m.set_field_by_name("email", Value::String(email.clone()));
+        m.set_field_by_name("full_name", Value::String(format!("Person {i}")));
+        m.set_field_by_name("phone", Value::String(phone.clone()));
+        m.set_field_by_name("plan", Value::String(["free", "pro"][i % 2].into()));
+        items.push((m.encode_to_vec(), Vec::new()));
+        sent.push((email, phone));
+    }
+    let (_, subscription, topic_path) = emu.fresh_topic("pii").await.unwrap();
+    let publisher = publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
+        .await
+        .unwrap();
+    let ids = publish::publish_all(&publisher, items).await.unwrap();
+    let expected: BTreeMap<String, (String, String)> = ids.into_iter().zip(sent).collect();
+
+    let yaml = format!(
+        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: signup\n    subscription: {subscription}\n    message_type: acme.signup.v1.SignupEvent\n    bigquery: {{ dataset: {dataset}, table: signups, batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    parsed: {{ bucket: {parsed}, prefix: parsed, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
+        emu.project,
+        dir.display()
+    );
+    let cfg = load_config(&yaml);
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+
+    // Without the key the worker refuses to start, naming the field and the variable.
+    let (ok, err) = {
+        let path = std::env::temp_dir()
+            .join(unique("logflow-pii"))
+            .with_extension("yaml");
+        std::fs::write(&path, &yaml).unwrap();
+        let out = std::process::Command::new(crate::consumption::logflow_binary())
+            .arg("check-config")
+            .arg(&path)
+            .env_remove("LOGFLOW_PII_KEY")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(
+        !ok && err.contains("SignupEvent.email") && err.contains("LOGFLOW_PII_KEY"),
+        "{err}"
+    );
+
+    let (mut child, log, _) = spawn_worker(&yaml, "pii", &[("LOGFLOW_PII_KEY", KEY)]);
+    let deadline = Instant::now() + PROCESS_TIMEOUT;
+    let count = format!("SELECT COUNT(*) FROM {dataset}.signups");
+    loop {
+        let n = clients
+            .bq
+            .query(&count)
+            .await
+            .ok()
+            .and_then(|r| r.first().and_then(|row| row[0].clone()))
+            .and_then(|v| v.as_str().and_then(|s| s.parse::<usize>().ok()));
+        if n == Some(expected.len()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rows did not land: {n:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    send_signal("-TERM", &child.id().to_string());
+    assert!(child.wait().unwrap().success());
+    let lines = log.join().unwrap();
+    for (email, phone) in expected.values() {
+        assert!(
+            !lines.iter().any(|l| l.contains(email) || l.contains(phone)),
+            "personal data in the worker's log"
+        );
+    }
+
+    // BigQuery: hashes and masks only, no `phone` column, the description says so.
+    let table = emu.table_resource(&dataset, "signups").await.unwrap();
+    let fields = table["schema"]["fields"].as_array().unwrap();
+    assert!(!fields.iter().any(|f| f["name"] == "phone"), "{table}");
+    let email_col = fields.iter().find(|f| f["name"] == "email").unwrap();
+    assert!(
+        email_col["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("Personal data: HMAC-SHA256"),
+        "{email_col}"
+    );
+    let rows = clients
+        .bq
+        .query(&format!(
+            "SELECT _message_id, email, full_name, plan FROM {dataset}.signups"
+        ))
+        .await
+        .unwrap();
+    let cell = |r: &Vec<Option<serde_json::Value>>, i: usize| {
+        r[i].as_ref()
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut seen = BTreeSet::new();
+    for r in &rows {
+        let id = cell(r, 0);
+        let (email, _) = &expected[&id];
+        assert_eq!(cell(r, 1), hmac_hex(email), "row {id}");
+        assert_eq!(cell(r, 2), "****", "row {id}");
+        assert!(["free", "pro"].contains(&cell(r, 3).as_str()));
+        seen.insert(id);
+    }
+    assert_eq!(seen.len(), expected.len());
+
+    // Parsed Parquet: the same.
+    let mut parquet_rows = 0;
+    for o in clients.gcs.list(&parsed, "parsed/").await.unwrap() {
+        let file = clients.gcs.get(&parsed, &o.name).await.unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            assert!(batch.column_by_name("phone").is_none());
+            let ids = batch
+                .column_by_name("_message_id")
+                .unwrap()
+                .as_string::<i32>();
+            let emails = batch.column_by_name("email").unwrap().as_string::<i32>();
+            let names = batch
+                .column_by_name("full_name")
+                .unwrap()
+                .as_string::<i32>();
+            for i in 0..batch.num_rows() {
+                let (email, _) = &expected[ids.value(i)];
+                assert_eq!(emails.value(i), hmac_hex(email));
+                assert_eq!(names.value(i), "****");
+                parquet_rows += 1;
+            }
+        }
+    }
+    assert!(parquet_rows >= expected.len(), "{parquet_rows} parsed rows");
+}
