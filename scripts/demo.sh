@@ -97,3 +97,6 @@ echo
 echo "rows     : rows in the BigQuery table (queried), dups: rows beyond one per message id"
 echo "archived : messages in the raw-archive Parquet objects; dead: messages in dead-letter JSONL"
 echo "worker log: $DEMO_DIR/worker.log"
+
+step "data catalog of the sample schemas (logflow catalog)"
+"$LOGFLOW" catalog --config "$CONFIG"

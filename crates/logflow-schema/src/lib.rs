@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 mod arrow;
+pub mod catalog;
 mod error;
 pub mod pii;
 mod plan;
@@ -36,6 +37,23 @@ pub(crate) mod testutil {
     pub(crate) fn sample_registry() -> Registry {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
         Registry::from_proto_dirs(&[dir]).expect("sample schemas compile")
+    }
+
+    /// A registry compiled from one `.proto` source (`t.proto`) next to the repository's
+    /// `logflow/options.proto`, which it may import.
+    pub(crate) fn registry_with_options(source: &str) -> Registry {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("logflow-opts-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(dir.join("logflow")).unwrap();
+        let options =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/logflow/options.proto");
+        std::fs::copy(options, dir.join("logflow/options.proto")).unwrap();
+        std::fs::write(dir.join("t.proto"), source).unwrap();
+        let r = Registry::from_proto_dirs(std::slice::from_ref(&dir));
+        std::fs::remove_dir_all(&dir).unwrap();
+        r.expect("test schema compiles")
     }
 
     /// A registry compiled from one `.proto` source (imports of well-known types allowed).

@@ -283,20 +283,8 @@ message M {
 }
 "#;
 
-    /// The test file next to a copy of the repository's `logflow/options.proto`.
     fn registry(source: &str) -> Registry {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("logflow-pii-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(dir.join("logflow")).unwrap();
-        let options = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../schemas/logflow/options.proto");
-        std::fs::copy(options, dir.join("logflow/options.proto")).unwrap();
-        std::fs::write(dir.join("t.proto"), source).unwrap();
-        let r = Registry::from_proto_dirs(std::slice::from_ref(&dir));
-        std::fs::remove_dir_all(&dir).unwrap();
-        r.unwrap()
+        crate::testutil::registry_with_options(source)
     }
 
     /// HMAC-SHA256 hex computed here, apart from the code under test.

@@ -122,6 +122,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the data dictionary: per message type its producer, its tables, and every column
+    /// with type, mode, description and personal-data handling. Schemas from `--config`, a
+    /// descriptor set, or `--proto-path DIR` (every .proto under it) with optional `--proto`.
+    Catalog {
+        #[command(flatten)]
+        schemas: SchemaSource,
+        /// A worker config: its schemas (local ones) and its pipelines' tables.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// `markdown` or `json`.
+        #[arg(long, default_value = "markdown")]
+        format: CatalogFormat,
+    },
     /// Show what the schemas map to.
     Schema {
         #[command(subcommand)]
@@ -161,6 +174,13 @@ enum SchemaCommand {
     },
 }
 
+/// Output format of `logflow catalog`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CatalogFormat {
+    Markdown,
+    Json,
+}
+
 /// Where descriptors come from: a descriptor set, or `.proto` files.
 #[derive(clap::Args)]
 struct SchemaSource {
@@ -176,6 +196,10 @@ struct SchemaSource {
 }
 
 impl SchemaSource {
+    fn is_given(&self) -> bool {
+        self.descriptor_set.is_some() || !self.proto_path.is_empty() || !self.proto.is_empty()
+    }
+
     fn load(&self) -> anyhow::Result<logflow_schema::Registry> {
         if let Some(set) = &self.descriptor_set {
             return Ok(logflow_schema::Registry::from_descriptor_set_file(set)?);
@@ -318,6 +342,49 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 "published {} messages ({malformed} malformed, {bytes} payload bytes) of {message_type} to {topic}",
                 ids.len()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Catalog {
+            schemas,
+            config,
+            format,
+        } => {
+            let cfg = config.as_deref().map(Config::load).transpose()?;
+            let registry = match (&cfg, schemas.is_given()) {
+                (_, true) if schemas.proto.is_empty() && schemas.descriptor_set.is_none() => {
+                    logflow_schema::Registry::from_proto_dirs(&schemas.proto_path)?
+                }
+                (_, true) => schemas.load()?,
+                (Some(cfg), false) => worker::load_registry(cfg, None).await?,
+                (None, false) => anyhow::bail!(
+                    "give --config FILE, --descriptor-set FILE, or --proto-path DIR [--proto FILE.proto]"
+                ),
+            };
+            let mut types = logflow_schema::catalog::catalog(&registry);
+            if let Some(cfg) = &cfg {
+                for t in &mut types {
+                    let short = t.message_type.rsplit('.').next().unwrap_or_default();
+                    for p in &cfg.pipelines {
+                        let routed = p
+                            .bigquery
+                            .table
+                            .contains(logflow::routing::TYPE_PLACEHOLDER);
+                        if p.message_type == t.message_type || routed {
+                            t.tables.push(format!(
+                                "{}.{}",
+                                p.bigquery.dataset,
+                                logflow::routing::table_name(&p.bigquery.table, short)
+                            ));
+                        }
+                    }
+                }
+            }
+            match format {
+                CatalogFormat::Markdown => {
+                    print!("{}", logflow_schema::catalog::to_markdown(&types))
+                }
+                CatalogFormat::Json => println!("{}", serde_json::to_string_pretty(&types)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Decode {
