@@ -38,6 +38,11 @@ pub struct Stats {
     /// Messages decided after their maximum lease: no longer leased by then, so Pub/Sub has
     /// probably delivered them again.
     pub lease_expired: AtomicU64,
+    /// New schema versions taken into use without a restart.
+    pub schema_reloads: AtomicU64,
+    /// New schema versions refused (incompatible, or failing to compile or map); the previous
+    /// version stays in use.
+    pub schema_reloads_refused: AtomicU64,
     /// Publish → ack time of acked messages.
     pub ack_lag: Histogram,
     /// Time to write one raw-archive object, retries included.
@@ -145,6 +150,10 @@ pub struct Snapshot {
     pub redelivered: u64,
     /// See [`Stats::lease_expired`].
     pub lease_expired: u64,
+    /// See [`Stats::schema_reloads`].
+    pub schema_reloads: u64,
+    /// See [`Stats::schema_reloads_refused`].
+    pub schema_reloads_refused: u64,
 }
 
 impl Stats {
@@ -216,6 +225,8 @@ impl Stats {
             stream_reopens: r(&self.stream_reopens),
             redelivered: r(&self.redelivered),
             lease_expired: r(&self.lease_expired),
+            schema_reloads: r(&self.schema_reloads),
+            schema_reloads_refused: r(&self.schema_reloads_refused),
         }
     }
 

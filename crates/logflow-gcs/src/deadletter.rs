@@ -35,6 +35,9 @@ pub struct DeadLetterLine {
     pub error_message: String,
     /// Message type the worker tried to decode it as (empty when none applied).
     pub message_type: String,
+    /// The schema version it was decoded with (the registry's fingerprint).
+    #[serde(default)]
+    pub descriptor_fingerprint: String,
     /// logflow version that wrote the line.
     pub worker_version: String,
     /// When it was dead-lettered, RFC 3339 UTC.
@@ -50,6 +53,8 @@ pub struct Failure {
     pub error_message: String,
     /// Message type tried.
     pub message_type: String,
+    /// The schema version in use (the registry's fingerprint).
+    pub descriptor_fingerprint: String,
 }
 
 /// Encodes failed messages as JSON Lines.
@@ -72,6 +77,7 @@ pub fn encode<'a>(
             error_class: f.error_class.to_string(),
             error_message: f.error_message.clone(),
             message_type: f.message_type.clone(),
+            descriptor_fingerprint: f.descriptor_fingerprint.clone(),
             worker_version: env!("CARGO_PKG_VERSION").to_string(),
             time: now.clone(),
         };
@@ -119,6 +125,7 @@ mod tests {
             error_class: "invalid_protobuf",
             error_message: "bad wire type".into(),
             message_type: "acme.T".into(),
+            descriptor_fingerprint: "0123456789abcdef".into(),
         };
         let file = encode([(&r, &f)].into_iter(), "projects/p/subscriptions/s", 0).unwrap();
         assert_eq!(file.iter().filter(|b| **b == b'\n').count(), 1);
@@ -127,6 +134,7 @@ mod tests {
         assert_eq!(back[0].subscription, "s");
         assert_eq!(back[0].payload().unwrap(), b"\xff\x00raw");
         assert_eq!(back[0].error_class, "invalid_protobuf");
+        assert_eq!(back[0].descriptor_fingerprint, "0123456789abcdef");
         assert_eq!(back[0].attributes.get("k").map(String::as_str), Some("v"));
         assert_eq!(back[0].publish_time, "1970-01-01T00:00:00.000000Z");
     }

@@ -16,6 +16,25 @@ pub struct Registry {
     pool: DescriptorPool,
     /// Hashes `(logflow.pii) = HASH` fields in the encoders made from this registry.
     pii_key: Option<crate::PiiKey>,
+    fingerprint: std::sync::OnceLock<String>,
+}
+
+/// SHA-256 of every file of `pool` (sorted by name), first 16 hex characters: names a
+/// version of the schemas.
+fn pool_fingerprint(pool: &DescriptorPool) -> String {
+    use prost::Message as _;
+    use sha2::Digest as _;
+    let mut files: Vec<_> = pool.files().collect();
+    files.sort_by(|a, b| a.name().cmp(b.name()));
+    let mut h = sha2::Sha256::new();
+    for f in files {
+        h.update(f.file_descriptor_proto().encode_to_vec());
+    }
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// One source of descriptors, already read into memory. The caller does the I/O (local files,
@@ -170,7 +189,66 @@ impl Registry {
         Ok(Registry {
             pool,
             pii_key: None,
+            fingerprint: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Names this version of the schemas (a hash of every descriptor): dead letters record it,
+    /// and a reload happens only when it changes.
+    pub fn fingerprint(&self) -> &str {
+        self.fingerprint
+            .get_or_init(|| pool_fingerprint(&self.pool))
+    }
+
+    /// Why `new` cannot replace `self` while the pipelines decode `used` types: a used type
+    /// missing, or a field number of a type both define whose type or cardinality changed
+    /// (rows of older producers would be misread). Fields and types may be added; unused types
+    /// and fields may be removed. Empty when compatible.
+    pub fn incompatibilities(&self, new: &Registry, used: &[&str]) -> Vec<String> {
+        let kind = |k: &prost_reflect::Kind| match k {
+            prost_reflect::Kind::Message(m) => format!("message {}", m.full_name()),
+            prost_reflect::Kind::Enum(e) => format!("enum {}", e.full_name()),
+            other => format!("{other:?}").to_lowercase(),
+        };
+        let shape = |f: &prost_reflect::FieldDescriptor| {
+            (
+                if f.is_list() { "repeated " } else { "" },
+                kind(&f.kind()),
+                f.is_map(),
+            )
+        };
+        let mut out = Vec::new();
+        for t in used {
+            if new.pool.get_message_by_name(t).is_none() {
+                out.push(format!(
+                    "{t}: a pipeline decodes this type, the new schemas lack it"
+                ));
+            }
+        }
+        for old in self.pool.all_messages() {
+            let Some(now) = new.pool.get_message_by_name(old.full_name()) else {
+                continue;
+            };
+            for f in old.fields() {
+                let Some(g) = now.get_field(f.number()) else {
+                    continue;
+                };
+                let (was, is) = (shape(&f), shape(&g));
+                if was != is {
+                    out.push(format!(
+                        "{}: field {} ({}) was {}{}, is now {}{}",
+                        old.full_name(),
+                        f.number(),
+                        g.name(),
+                        was.0,
+                        was.1,
+                        is.0,
+                        is.1
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// The key that hashes `(logflow.pii) = HASH` fields (from the worker's secret).
@@ -211,6 +289,7 @@ impl Registry {
         Ok(Registry {
             pool: compiler.descriptor_pool(),
             pii_key: None,
+            fingerprint: std::sync::OnceLock::new(),
         })
     }
 
@@ -295,6 +374,40 @@ fn collect_protos(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::R
 mod tests {
     use super::*;
     use crate::testutil::sample_registry;
+
+    #[test]
+    fn fingerprints_name_versions_and_reloads_must_be_compatible() {
+        use crate::testutil::registry_from_source;
+        let src1 = "syntax = \"proto3\"; package t; message M { string a = 1; int64 b = 2; } message Gone { string x = 1; }";
+        let v1 = registry_from_source("t.proto", src1);
+        assert_eq!(
+            v1.fingerprint(),
+            registry_from_source("t.proto", src1).fingerprint()
+        );
+        assert_eq!(v1.fingerprint().len(), 16);
+        // Added fields and types, a removed field and an unused type removed: compatible.
+        let v2 = registry_from_source(
+            "t.proto",
+            "syntax = \"proto3\"; package t; message M { string a = 1; repeated string c = 3; } message N { bool y = 1; }",
+        );
+        assert_ne!(v1.fingerprint(), v2.fingerprint());
+        assert!(v1.incompatibilities(&v2, &["t.M"]).is_empty());
+        // A number reused with another type, a used type gone: refused, each named.
+        let v3 = registry_from_source(
+            "t.proto",
+            "syntax = \"proto3\"; package t; message M { string a = 1; string b = 2; }",
+        );
+        let why = v1.incompatibilities(&v3, &["t.M", "t.Gone"]);
+        assert_eq!(why.len(), 2, "{why:?}");
+        assert!(
+            why[0].contains("t.Gone") && why[0].contains("lack"),
+            "{why:?}"
+        );
+        assert!(
+            why[1].contains("t.M: field 2 (b) was int64, is now string"),
+            "{why:?}"
+        );
+    }
 
     #[test]
     fn compiles_the_sample_schemas() {

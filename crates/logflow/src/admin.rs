@@ -162,7 +162,7 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
         .map(|(n, s)| (n.as_str(), s.snapshot()))
         .collect();
     type Get = fn(&logflow_core::stats::Snapshot) -> u64;
-    let metrics: [(&str, &str, &str, Get); 14] = [
+    let metrics: [(&str, &str, &str, Get); 16] = [
         (
             "logflow_source_received_messages_total",
             "counter",
@@ -228,6 +228,18 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
             "gauge",
             "Payload and attribute bytes held now.",
             |s| s.outstanding_bytes,
+        ),
+        (
+            "logflow_schema_reloads_total",
+            "counter",
+            "New schema versions taken into use without a restart.",
+            |s| s.schema_reloads,
+        ),
+        (
+            "logflow_schema_reloads_refused_total",
+            "counter",
+            "New schema versions refused (incompatible or not compiling); the previous one stays.",
+            |s| s.schema_reloads_refused,
         ),
         (
             "logflow_source_stream_reopens_total",

@@ -51,6 +51,14 @@ pub struct SchemasConfig {
     /// --descriptor_set_out=...`).
     #[serde(default)]
     pub descriptor_sets: Vec<String>,
+    /// How often `logflow run` reads the sources again; a changed, compatible version is taken
+    /// into use without a restart (`0s`: never).
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// Whether a schema location is a GCS one.

@@ -12,7 +12,7 @@
 //! message is dead-lettered (`unknown_message_type`), never dropped.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use logflow_core::Record;
 use logflow_schema::{Registry, RowEncoder};
@@ -31,6 +31,8 @@ pub struct Route {
     pub encoder: RowEncoder,
     /// BigQuery table of its rows.
     pub table: Arc<str>,
+    /// The schema version the encoder was planned from ([`Registry::fingerprint`]).
+    pub fingerprint: Arc<str>,
 }
 
 /// Why no route exists for a message.
@@ -44,14 +46,15 @@ pub struct NoRoute {
     pub message_type: String,
 }
 
-/// Resolves records to routes; caches one route per type.
+/// Resolves records to routes with the current schema version, which a reload replaces.
+/// Callers that must not mix versions within a batch take [`TypeRouter::current`] once per
+/// batch.
 #[derive(Debug)]
 pub struct TypeRouter {
-    registry: Registry,
-    default: Arc<Route>,
+    state: RwLock<Arc<RouterState>>,
+    default_type: String,
+    table: String,
     type_attribute: Option<String>,
-    table_template: Option<String>,
-    cache: Mutex<HashMap<String, Result<Arc<Route>, NoRoute>>>,
 }
 
 impl TypeRouter {
@@ -63,19 +66,85 @@ impl TypeRouter {
         table: &str,
         type_attribute: Option<String>,
     ) -> anyhow::Result<Self> {
+        let state = RouterState::new(registry, default_type, table, type_attribute.clone())?;
+        Ok(TypeRouter {
+            state: RwLock::new(Arc::new(state)),
+            default_type: default_type.to_string(),
+            table: table.to_string(),
+            type_attribute,
+        })
+    }
+
+    /// The schema version in use now.
+    pub fn current(&self) -> Arc<RouterState> {
+        Arc::clone(&self.state.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Switches to `registry` for the next lookups (batches already routed keep their
+    /// version). Fails, keeping the current version, when the pipeline's type does not plan.
+    pub fn reload(&self, registry: Registry) -> anyhow::Result<()> {
+        let state = RouterState::new(
+            registry,
+            &self.default_type,
+            &self.table,
+            self.type_attribute.clone(),
+        )?;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+        Ok(())
+    }
+
+    /// The route of `record` with the current version.
+    pub fn route(&self, record: &Record) -> Result<Arc<Route>, NoRoute> {
+        self.current().route(record)
+    }
+
+    /// The default type's route in the current version.
+    pub fn default_route(&self) -> Arc<Route> {
+        Arc::clone(self.current().default_route())
+    }
+
+    /// The key hashing `(logflow.pii) = HASH` fields, if the worker has one.
+    pub fn pii_key(&self) -> Option<logflow_schema::PiiKey> {
+        self.current().pii_key().cloned()
+    }
+}
+
+/// One schema version of a router: caches one route per type.
+#[derive(Debug)]
+pub struct RouterState {
+    registry: Registry,
+    default: Arc<Route>,
+    type_attribute: Option<String>,
+    table_template: Option<String>,
+    cache: Mutex<HashMap<String, Result<Arc<Route>, NoRoute>>>,
+}
+
+impl RouterState {
+    fn new(
+        registry: Registry,
+        default_type: &str,
+        table: &str,
+        type_attribute: Option<String>,
+    ) -> anyhow::Result<Self> {
         let per_type = table.contains(TYPE_PLACEHOLDER);
         let md = registry.message(default_type)?;
         let default = Arc::new(Route {
             table: Arc::from(table_name(table, md.name())),
             encoder: RowEncoder::with_pii_key(md, registry.pii_key())?,
+            fingerprint: Arc::from(registry.fingerprint()),
         });
-        Ok(TypeRouter {
+        Ok(RouterState {
             registry,
             default,
             type_attribute: if per_type { type_attribute } else { None },
             table_template: per_type.then(|| table.to_string()),
             cache: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// This version's fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        self.registry.fingerprint()
     }
 
     /// The key hashing `(logflow.pii) = HASH` fields, if the worker has one.
@@ -139,6 +208,7 @@ impl TypeRouter {
                         Arc::new(Route {
                             encoder,
                             table: Arc::from(table),
+                            fingerprint: Arc::clone(&self.default.fingerprint),
                         })
                     })
                     .map_err(|e| e.to_string())

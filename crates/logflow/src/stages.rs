@@ -190,15 +190,18 @@ fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (Vec<RowBatch>, Vec<
     // Usually one type per batch, so one RowBatch.
     let mut out: Vec<RowBatch> = Vec::with_capacity(1);
     let mut dead = Vec::new();
+    // One schema version per batch: a reload takes effect at the next batch.
+    let router = ctx.router.current();
     for env in batch {
         let r = &env.record;
-        let route = match ctx.router.route(r) {
+        let route = match router.route(r) {
             Ok(route) => route,
             Err(no) => {
                 let failure = Failure {
                     error_class: no.class,
                     error_message: no.message,
                     message_type: no.message_type,
+                    descriptor_fingerprint: router.fingerprint().to_string(),
                 };
                 dead.push(DeadItem { env, failure });
                 continue;
@@ -235,6 +238,7 @@ fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (Vec<RowBatch>, Vec<
                     error_class: e.kind.as_str(),
                     error_message: e.message,
                     message_type: route.encoder.descriptor().full_name().to_string(),
+                    descriptor_fingerprint: route.fingerprint.to_string(),
                 },
             }),
         }
@@ -254,31 +258,35 @@ pub async fn insert_stage(
     mut rx: mpsc::Receiver<RowBatch>,
     dead_tx: mpsc::Sender<DeadItem>,
 ) -> anyhow::Result<()> {
-    let mut ready: std::collections::HashSet<Arc<str>> = std::collections::HashSet::new();
-    ready.insert(Arc::clone(&ctx.router.default_route().table));
-    // Storage Write API: each table's writer schema, derived once from its message type.
-    let mut writer_schemas: HashMap<Arc<str>, Arc<ProtoRowSchema>> = HashMap::new();
+    // Tables prepared (created or extended) for a schema version: a reload prepares them again.
+    type Version = (Arc<str>, Arc<str>);
+    let version = |r: &Route| (Arc::clone(&r.table), Arc::clone(&r.fingerprint));
+    let mut ready: std::collections::HashSet<Version> = std::collections::HashSet::new();
+    ready.insert(version(&ctx.router.default_route()));
+    // Storage Write API: each table's writer schema, derived once per schema version.
+    let mut writer_schemas: HashMap<Version, Arc<ProtoRowSchema>> = HashMap::new();
     let mut inflight = FuturesUnordered::new();
     loop {
         tokio::select! {
             Some(r) = inflight.next(), if !inflight.is_empty() => r?,
             b = rx.recv(), if inflight.len() < concurrency => match b {
                 Some(b) => {
-                    if !ready.contains(&b.route.table) {
+                    let v = version(&b.route);
+                    if !ready.contains(&v) {
                         if let Err(e) = prepare_table(&ctx, &bq, &dataset, &b.route).await {
                             // Dropping the batch nacks it: its messages come back later.
                             on_write_error(&ctx, "table preparation", b.envs.len(), e)?;
                             continue;
                         }
-                        ready.insert(Arc::clone(&b.route.table));
+                        ready.insert(v.clone());
                     }
                     let writer_schema = match write_api {
                         WriteApi::InsertAll => None,
-                        WriteApi::StorageWrite => Some(match writer_schemas.get(&b.route.table) {
+                        WriteApi::StorageWrite => Some(match writer_schemas.get(&v) {
                             Some(s) => Arc::clone(s),
                             None => {
                                 let s = Arc::new(writer_schema(&b.route)?);
-                                writer_schemas.insert(Arc::clone(&b.route.table), Arc::clone(&s));
+                                writer_schemas.insert(v, Arc::clone(&s));
                                 s
                             }
                         }),
@@ -382,6 +390,7 @@ async fn insert_batch(
                     error_class: "bigquery_invalid",
                     error_message: format!("{}: {}", r.reason, r.message),
                     message_type: batch.route.encoder.descriptor().full_name().to_string(),
+                    descriptor_fingerprint: batch.route.fingerprint.to_string(),
                 };
                 if dead_tx.send(DeadItem { env, failure }).await.is_err() {
                     anyhow::bail!("the dead-letter stage stopped");
@@ -462,13 +471,17 @@ pub async fn parsed_stage(
     worker: String,
     mut rx: mpsc::Receiver<Envelope>,
 ) -> anyhow::Result<()> {
-    let mut encoders: HashMap<String, (Arc<ArrowEncoder>, ObjectNamer)> = HashMap::new();
+    // One namer per type for the whole run (its sequence keeps names unique); one encoder per
+    // type and schema version.
+    let mut namers: HashMap<String, ObjectNamer> = HashMap::new();
+    let mut encoders: HashMap<(String, Arc<str>), Arc<ArrowEncoder>> = HashMap::new();
     while let Some(batch) = next_batch(&mut rx, &cfg.batch, |e: &Envelope| e.record.size()).await {
+        let router = ctx.router.current();
         for hour in split_by_hour(batch, |e| e.record.publish_time_micros) {
             // Group by message type; messages with no type complete at once.
             let mut by_type: Vec<(Arc<crate::routing::Route>, Vec<Envelope>)> = Vec::new();
             for env in hour {
-                match ctx.router.route(&env.record) {
+                match router.route(&env.record) {
                     Ok(route) => match by_type.iter_mut().find(|(r, _)| Arc::ptr_eq(r, &route)) {
                         Some((_, v)) => v.push(env),
                         None => by_type.push((route, vec![env])),
@@ -479,15 +492,16 @@ pub async fn parsed_stage(
             for (route, group) in by_type {
                 let md = route.encoder.descriptor();
                 let name = md.full_name().to_string();
-                if !encoders.contains_key(&name) {
-                    let enc = ArrowEncoder::with_pii_key(md.clone(), ctx.router.pii_key())?;
-                    encoders.insert(
-                        name.clone(),
-                        (Arc::new(enc), ObjectNamer::new(&cfg.prefix, &name, &worker)),
-                    );
+                let key = (name.clone(), Arc::clone(&route.fingerprint));
+                if !encoders.contains_key(&key) {
+                    let enc = ArrowEncoder::with_pii_key(md.clone(), router.pii_key())?;
+                    encoders.insert(key.clone(), Arc::new(enc));
                 }
-                let (enc, namer) = &encoders[&name];
-                let out = (&cfg.bucket[..], namer, cfg.zstd_level);
+                let enc = &encoders[&key];
+                let namer = namers
+                    .entry(name)
+                    .or_insert_with_key(|n| ObjectNamer::new(&cfg.prefix, n, &worker));
+                let out = (&cfg.bucket[..], &*namer, cfg.zstd_level);
                 write_parsed(&ctx, &gcs, out, Arc::clone(enc), group).await?;
             }
         }

@@ -296,6 +296,25 @@ pub async fn start(
         .iter()
         .map(|(ctx, ..)| (ctx.pipeline.clone(), Arc::clone(&ctx.stats)))
         .collect();
+    let routers: Vec<(Arc<TypeRouter>, Arc<Stats>, String)> = prepared
+        .iter()
+        .map(|(ctx, p)| {
+            (
+                Arc::clone(&ctx.router),
+                Arc::clone(&ctx.stats),
+                p.message_type.clone(),
+            )
+        })
+        .collect();
+    if !cfg.schemas.reload_interval.is_zero() {
+        tokio::spawn(watch_schemas(
+            cfg.clone(),
+            clients.gcs.clone(),
+            registry,
+            routers,
+            shutdown.clone(),
+        ));
+    }
     let mut set = JoinSet::new();
     for (ctx, p) in prepared {
         let source = PubsubSource::new(
@@ -330,6 +349,78 @@ pub async fn start(
         first.map_or(Ok(()), Err)
     });
     Ok(RunningWorker { stats, done })
+}
+
+/// Reads the schema sources every `schemas.reload_interval` and, when they changed, switches
+/// every pipeline to the new version, but only if it is a compatible evolution
+/// ([`Registry::incompatibilities`]) and every pipeline's type still maps; otherwise the
+/// version in use stays, and the refusal is logged and counted. Decode batches already routed
+/// finish with their version; the next batch uses the new one.
+async fn watch_schemas(
+    cfg: Config,
+    gcs: Gcs,
+    mut current: Registry,
+    routers: Vec<(Arc<TypeRouter>, Arc<Stats>, String)>,
+    shutdown: CancellationToken,
+) {
+    let every = cfg.schemas.reload_interval;
+    let count = |refused: bool| {
+        for (_, stats, _) in &routers {
+            let c = if refused {
+                &stats.schema_reloads_refused
+            } else {
+                &stats.schema_reloads
+            };
+            stats.add(c, 1);
+        }
+    };
+    let mut refused_version: Option<String> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let new = match load_registry(&cfg, Some(&gcs)).await {
+            Ok(r) => r,
+            Err(e) => {
+                // A source mid-update, a file that does not compile: try again next time.
+                warn!(error = %format!("{e:#}"), "schema reload: the sources do not load; keeping version {}", current.fingerprint());
+                count(true);
+                continue;
+            }
+        };
+        let version = new.fingerprint().to_string();
+        if version == current.fingerprint() || refused_version.as_deref() == Some(&version) {
+            continue;
+        }
+        let used: Vec<&str> = routers.iter().map(|(_, _, t)| t.as_str()).collect();
+        let mut why = current.incompatibilities(&new, &used);
+        for t in &used {
+            if let Err(e) = new
+                .message(t)
+                .map_err(anyhow::Error::from)
+                .and_then(|md| Ok(logflow_schema::RowEncoder::with_pii_key(md, new.pii_key())?))
+            {
+                why.push(format!("{t}: {e:#}"));
+            }
+        }
+        if !why.is_empty() {
+            error!(version = %version, keeping = %current.fingerprint(), reasons = %why.join("; "), "schema reload refused: not a compatible evolution");
+            count(true);
+            refused_version = Some(version);
+            continue;
+        }
+        for (router, _, _) in &routers {
+            if let Err(e) = router.reload(new.clone()) {
+                // Checked above; a failure here would leave pipelines on different versions.
+                error!(error = %format!("{e:#}"), "schema reload failed for a pipeline");
+            }
+        }
+        info!(from = %current.fingerprint(), to = %version, "schema reloaded");
+        count(false);
+        refused_version = None;
+        current = new;
+    }
 }
 
 /// Checks and prepares pipeline `i` (message types, its default table, its buckets) and builds
