@@ -240,10 +240,13 @@ impl PubsubSource {
     ) -> (Result<(), SourceError>, Vec<ShutdownToken>) {
         let o = &self.options;
         let mut failures = 0u32;
-        // The watchdog's period doubles with each idle re-open (up to 8×) and resets when a
-        // message arrives: re-opening faster than a slow server delivers would churn, as a
-        // cancelled stream keeps the messages assigned to it until their deadline.
+        // The watchdog's period doubles with each idle re-open and resets when a message
+        // arrives: re-opening faster than a slow server delivers would churn, as a cancelled
+        // stream keeps the messages assigned to it until their deadline. It grows to 8× the
+        // setting, and at least to twice the stream's ack deadline, so that a stream lives long
+        // enough to receive what a cancelled one stranded.
         let mut idle = o.idle_reopen;
+        let max_idle = (o.idle_reopen * 8).max(o.lease_extension * 2);
         let mut tokens = Vec::new();
         let result = 'streams: loop {
             // Pub/Sub applies these limits per stream: each stream asks for its share of the
@@ -273,7 +276,7 @@ impl PubsubSource {
                         Err(_) => {
                             stats.add(&stats.stream_reopens, 1);
                             info!(subscription = %o.subscription, stream = index, idle = ?idle, "no message for a while, re-opening the stream");
-                            idle = (idle * 2).min(o.idle_reopen * 8);
+                            idle = (idle * 2).min(max_idle);
                             continue 'streams;
                         }
                     },

@@ -99,8 +99,9 @@ pub struct PipelineConfig {
     pub streams: usize,
     /// A stream that delivers nothing for this long is re-opened (the stall watchdog), so a
     /// stream that hangs without an error never needs a restart. The period doubles with each
-    /// idle re-open (up to 8×) and resets when a message arrives; on a quiet subscription it
-    /// costs a reconnect per stream now and then. At least 1s.
+    /// idle re-open (up to 8×, and at least to twice `lease_extension`) and resets when a
+    /// message arrives; on a quiet subscription it costs a reconnect per stream now and then.
+    /// At least 1s.
     #[serde(default = "default_stream_idle_timeout", with = "humantime_serde")]
     pub stream_idle_timeout: Duration,
 }

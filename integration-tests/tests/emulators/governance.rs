@@ -266,8 +266,7 @@ async fn schemas_reload_without_a_restart_and_refuse_incompatible_versions() {
 
     // Under load: messages keep coming while the schema file changes.
     let mut ids: Vec<(String, usize)> = Vec::new();
-    let publish_range = async |range: std::ops::Range<usize>,
-                                   ids: &mut Vec<(String, usize)>| {
+    let publish_range = async |range: std::ops::Range<usize>, ids: &mut Vec<(String, usize)>| {
         let items = range.clone().map(|i| (encode(i), Vec::new()));
         let got = publish::publish_all(&publisher, items).await.unwrap();
         ids.extend(got.into_iter().zip(range));
