@@ -171,8 +171,8 @@ pub fn encode_parquet<'a>(
 }
 
 /// The default zstd level of archive objects, chosen by measurement on the sample mix
-/// (25,000 messages, `benches/sinks.rs`, BENCHMARKS.md): Parquet at level 1 encodes ~265 MiB/s
-/// of payload for a 2.48× smaller file, at level 3 ~170 MiB/s for 2.70×. The archive is
+/// (25,000 messages, `benches/sinks.rs`, BENCHMARKS.md): Parquet at level 1 encodes
+/// 180–260 MiB/s of payload for a 2.48× smaller file, at level 3 145–170 MiB/s for 2.70×. The archive is
 /// written once and kept for years, so 8 % less storage outweighs ~0.8 µs of CPU per message;
 /// `archive.zstd_level: 1` makes the other trade. zstd is ~60 % of the encoding time at level 3
 /// (perf), the floor of this path.
