@@ -175,6 +175,8 @@ env_vars() {
   echo "export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$BQ_PORT"
   echo "export BIGQUERY_STORAGE_EMULATOR_HOST=127.0.0.1:$BQ_GRPC_PORT"
   echo "export LOGFLOW_PROJECT=$PROJECT"
+  # For the tests that stop and restart a GCS emulator of their own.
+  echo "export LOGFLOW_FAKE_GCS_BIN=$(fake_gcs_binary)"
 }
 
 case "${1:-}" in
