@@ -44,10 +44,18 @@ impl PrivateGcs {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Stops it (SIGKILL: nothing is flushed that was not already on disk).
+    /// Stops it with SIGTERM, as an orchestrator would, and waits for it to exit (its
+    /// filesystem backend is not crash-safe: a SIGKILL mid-write can leave a bucket it cannot
+    /// load again, which is the emulator's limit, not an outage's).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            c.kill().ok();
+            let terminated = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !terminated {
+                c.kill().ok();
+            }
             c.wait().ok();
         }
     }

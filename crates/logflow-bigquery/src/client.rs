@@ -331,7 +331,7 @@ impl BigQuery {
                     }
                 },
                 |e, n| {
-                    stats.add(&stats.retries, 1);
+                    stats.add_retry("bigquery", e.retry_reason());
                     warn!(table = target, attempt = n, error = %e, "bigquery insert failed, retrying");
                 },
             )

@@ -58,6 +58,32 @@ pub enum BqError {
     },
 }
 
+impl BqError {
+    /// Why a retry happens, as a bounded metric label.
+    pub fn retry_reason(&self) -> &'static str {
+        match self {
+            BqError::Http { status, reason, .. } => match reason.as_str() {
+                "quotaExceeded" => "quota_exceeded",
+                "rateLimitExceeded" => "rate_limit_exceeded",
+                _ => logflow_core::error::http_retry_reason(*status),
+            },
+            BqError::Transport { message, .. } => {
+                logflow_core::error::transport_retry_reason(message)
+            }
+            BqError::Grpc { code, .. } => match code {
+                tonic::Code::Unavailable => "grpc_unavailable",
+                tonic::Code::ResourceExhausted => "grpc_resource_exhausted",
+                tonic::Code::DeadlineExceeded => "timeout",
+                tonic::Code::Internal => "grpc_internal",
+                tonic::Code::Aborted => "grpc_aborted",
+                _ => "grpc_other",
+            },
+            BqError::Auth(_) => "auth",
+            BqError::Protocol { .. } => "protocol",
+        }
+    }
+}
+
 impl Classify for BqError {
     fn class(&self) -> ErrorClass {
         match self {

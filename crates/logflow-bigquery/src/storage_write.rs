@@ -696,7 +696,7 @@ pub(crate) async fn append_all(
                     client.append(stream_table, schema, rows, &pending, token).await
                 },
                 |e, n| {
-                    stats.add(&stats.retries, 1);
+                    stats.add_retry("bigquery_storage", e.retry_reason());
                     tracing::warn!(table = stream_table, attempt = n, error = %e, "bigquery append failed, retrying");
                 },
             )

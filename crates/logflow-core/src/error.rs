@@ -60,3 +60,30 @@ mod tests {
         }
     }
 }
+
+/// A short, bounded name for why a request is being retried (a metric label): the HTTP status
+/// of the usual retryable ones, else its family.
+pub fn http_retry_reason(status: u16) -> &'static str {
+    match status {
+        408 => "http_408",
+        429 => "http_429",
+        500 => "http_500",
+        502 => "http_502",
+        503 => "http_503",
+        504 => "http_504",
+        500..=599 => "http_5xx",
+        400..=499 => "http_4xx",
+        _ => "http_other",
+    }
+}
+
+/// The reason of a failure without an HTTP status: `timeout` when the message says the
+/// attempt timed out, else `connection`.
+pub fn transport_retry_reason(message: &str) -> &'static str {
+    let m = message.to_ascii_lowercase();
+    if m.contains("timed out") || m.contains("timeout") || m.contains("no answer within") {
+        "timeout"
+    } else {
+        "connection"
+    }
+}

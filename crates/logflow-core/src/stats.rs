@@ -53,6 +53,11 @@ pub struct Stats {
     pub dead_letter_flush: Histogram,
     /// Dead letters written, by error class (a small, bounded set of static names).
     dead_letter_classes: std::sync::Mutex<Vec<(&'static str, u64)>>,
+    /// Retries, by sink and reason (small, bounded sets of static names).
+    retry_reasons: std::sync::Mutex<Vec<((&'static str, &'static str), u64)>>,
+    /// Batches whose write failed after its retries since the last write that succeeded: a
+    /// sink is failing while this is above zero.
+    pub failed_writes_in_a_row: AtomicU64,
     waiters: AtomicUsize,
     changed: Notify,
 }
@@ -150,6 +155,8 @@ pub struct Snapshot {
     pub redelivered: u64,
     /// See [`Stats::lease_expired`].
     pub lease_expired: u64,
+    /// See [`Stats::failed_writes_in_a_row`].
+    pub failed_writes_in_a_row: u64,
     /// See [`Stats::schema_reloads`].
     pub schema_reloads: u64,
     /// See [`Stats::schema_reloads_refused`].
@@ -181,6 +188,31 @@ impl Stats {
             Some((_, count)) => *count += n,
             None => classes.push((class, n)),
         }
+    }
+
+    /// Counts a retry of a write to `sink` (`gcs`, `bigquery`, `bigquery_storage`) for
+    /// `reason` (`http_503`, `timeout`, `connection`...); [`Stats::retries`] counts them all.
+    pub fn add_retry(&self, sink: &'static str, reason: &'static str) {
+        self.add(&self.retries, 1);
+        let mut reasons = self
+            .retry_reasons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match reasons.iter_mut().find(|(k, _)| *k == (sink, reason)) {
+            Some((_, count)) => *count += 1,
+            None => reasons.push(((sink, reason), 1)),
+        }
+    }
+
+    /// Retries so far by (sink, reason), sorted.
+    pub fn retries_by_reason(&self) -> Vec<((&'static str, &'static str), u64)> {
+        let mut v = self
+            .retry_reasons
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        v.sort_unstable();
+        v
     }
 
     /// Dead letters written so far, by error class, sorted by class.
@@ -225,6 +257,7 @@ impl Stats {
             stream_reopens: r(&self.stream_reopens),
             redelivered: r(&self.redelivered),
             lease_expired: r(&self.lease_expired),
+            failed_writes_in_a_row: r(&self.failed_writes_in_a_row),
             schema_reloads: r(&self.schema_reloads),
             schema_reloads_refused: r(&self.schema_reloads_refused),
         }

@@ -121,7 +121,7 @@ impl Gcs {
                     }
                 },
                 |e, n| {
-                    stats.add(&stats.retries, 1);
+                    stats.add_retry("gcs", e.retry_reason());
                     warn!(bucket, object = name, attempt = n, error = %e, "gcs write failed, retrying");
                 },
             )

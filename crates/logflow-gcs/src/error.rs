@@ -41,6 +41,20 @@ pub enum GcsError {
     Format(String),
 }
 
+impl GcsError {
+    /// Why a retry happens, as a bounded metric label.
+    pub fn retry_reason(&self) -> &'static str {
+        match self {
+            GcsError::Http { status, .. } => logflow_core::error::http_retry_reason(*status),
+            GcsError::Transport { message, .. } => {
+                logflow_core::error::transport_retry_reason(message)
+            }
+            GcsError::Auth(_) => "auth",
+            GcsError::Format(_) => "format",
+        }
+    }
+}
+
 impl Classify for GcsError {
     fn class(&self) -> ErrorClass {
         match self {

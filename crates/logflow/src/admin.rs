@@ -144,8 +144,10 @@ fn route(path: &str, state: &AdminState) -> (&'static str, &'static str, String)
                 ("503 Service Unavailable", text, format!("{why}\n"))
             }
         },
-        "/readyz" if state.ready.load(Ordering::Relaxed) => ("200 OK", text, "ready\n".into()),
-        "/readyz" => ("503 Service Unavailable", text, "shutting down\n".into()),
+        "/readyz" => match readiness(state) {
+            Ok(()) => ("200 OK", text, "ready\n".into()),
+            Err(why) => ("503 Service Unavailable", text, format!("{why}\n")),
+        },
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
@@ -153,6 +155,24 @@ fn route(path: &str, state: &AdminState) -> (&'static str, &'static str, String)
         ),
         _ => ("404 Not Found", text, "not found\n".into()),
     }
+}
+
+/// Ready: not shutting down, and no pipeline has a sink failing (a batch whose write failed
+/// after its retries, with no write succeeding since). A rollout of pods that cannot write
+/// stops at the first one.
+fn readiness(state: &AdminState) -> Result<(), String> {
+    if !state.ready.load(Ordering::Relaxed) {
+        return Err("shutting down".into());
+    }
+    for (name, stats) in &state.pipelines {
+        let failed = stats.failed_writes_in_a_row.load(Ordering::Relaxed);
+        if failed > 0 {
+            return Err(format!(
+                "pipeline {name}: {failed} batch writes failed after their retries, none succeeded since"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The counters in Prometheus text format.
@@ -278,6 +298,17 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
             ));
         }
     }
+    let name = "logflow_sink_retries_by_reason_total";
+    out.push_str(&format!(
+        "# HELP {name} Write attempts retried, by sink and reason.\n# TYPE {name} counter\n"
+    ));
+    for (pipeline, stats) in pipelines {
+        for ((sink, reason), n) in stats.retries_by_reason() {
+            out.push_str(&format!(
+                "{name}{{pipeline=\"{pipeline}\",sink=\"{sink}\",reason=\"{reason}\"}} {n}\n"
+            ));
+        }
+    }
     type Hist = fn(&Stats) -> &logflow_core::stats::Histogram;
     let histograms: [(&str, &str, Hist); 4] = [
         (
@@ -337,6 +368,9 @@ mod tests {
         a.add_dead_letters("invalid_protobuf", 2);
         a.add_dead_letters("unknown_message_type", 1);
         a.add_dead_letters("invalid_protobuf", 3);
+        a.add_retry("gcs", "http_503");
+        a.add_retry("gcs", "http_503");
+        a.add_retry("bigquery", "timeout");
         let text = render_metrics(&[
             ("http".into(), a),
             ("auth".into(), Arc::new(Stats::default())),
@@ -353,6 +387,13 @@ mod tests {
         assert!(text.contains(
             "logflow_deadletter_messages_by_class_total{pipeline=\"http\",class=\"unknown_message_type\"} 1\n"
         ));
+        assert!(text.contains(
+            "logflow_sink_retries_by_reason_total{pipeline=\"http\",sink=\"gcs\",reason=\"http_503\"} 2\n"
+        ));
+        assert!(text.contains(
+            "logflow_sink_retries_by_reason_total{pipeline=\"http\",sink=\"bigquery\",reason=\"timeout\"} 1\n"
+        ));
+        assert!(text.contains("logflow_sink_retries_total{pipeline=\"http\"} 3\n"));
         assert!(
             text.contains("logflow_source_ack_lag_seconds_bucket{pipeline=\"http\",le=\"1\"} 0\n")
         );
@@ -432,9 +473,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn readiness_turns_false_on_shutdown() {
+    async fn readiness_turns_false_while_a_sink_fails_and_on_shutdown() {
+        let stats = Arc::new(Stats::default());
         let state = Arc::new(AdminState {
-            pipelines: Vec::new(),
+            pipelines: vec![("http".into(), Arc::clone(&stats))],
             ready: AtomicBool::new(true),
             liveness: Liveness::new(Vec::new()),
         });
@@ -448,6 +490,14 @@ mod tests {
             c.read_to_string(&mut s).await.unwrap();
             s
         };
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        stats.failed_writes_in_a_row.store(2, Ordering::Relaxed);
+        let r = get("/readyz").await;
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.contains("pipeline http: 2 batch writes failed"),
+            "{r}"
+        );
+        stats.failed_writes_in_a_row.store(0, Ordering::Relaxed);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         state.ready.store(false, Ordering::Relaxed);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));

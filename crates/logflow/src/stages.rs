@@ -13,6 +13,7 @@
 //! pipeline. Stages end by themselves when their input closes, after flushing what they hold.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -96,6 +97,11 @@ fn split_by_hour<T>(items: Vec<T>, micros: impl Fn(&T) -> i64) -> Vec<Vec<T>> {
     groups.into_values().collect()
 }
 
+/// A write succeeded: the sinks are healthy again (readiness).
+fn wrote(ctx: &StageContext) {
+    ctx.stats.failed_writes_in_a_row.store(0, Ordering::Relaxed);
+}
+
 /// What to do after a failed write: permanent errors stop the stage; transient ones (retries
 /// exhausted) drop the batch, whose messages are then redelivered.
 fn on_write_error<E: Classify + std::fmt::Display>(
@@ -106,6 +112,9 @@ fn on_write_error<E: Classify + std::fmt::Display>(
 ) -> anyhow::Result<()> {
     if e.class() == ErrorClass::Transient {
         warn!(pipeline = %ctx.pipeline, messages = n, error = %e, "{what} failed after retries; messages will be redelivered");
+        ctx.stats
+            .failed_writes_in_a_row
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     } else {
         error!(pipeline = %ctx.pipeline, messages = n, error = %e, "{what} failed permanently; stopping the pipeline");
@@ -144,6 +153,7 @@ pub async fn archive_stage(
             ctx.stats.archive_flush.observe_since(started);
             match written {
                 Ok(()) => {
+                    wrote(&ctx);
                     ctx.stats.add(&ctx.stats.archived, n as u64);
                     group.into_iter().for_each(|e| e.ack.complete());
                 }
@@ -398,6 +408,7 @@ async fn insert_batch(
             }
         }
     }
+    wrote(ctx);
     ctx.stats.add(&ctx.stats.inserted, accepted);
     Ok(())
 }
@@ -446,6 +457,7 @@ pub async fn dead_letter_stage(
             ctx.stats.dead_letter_flush.observe_since(started);
             match written {
                 Ok(()) => {
+                    wrote(&ctx);
                     let mut classes: Vec<&'static str> =
                         group.iter().map(|d| d.failure.error_class).collect();
                     classes.sort_unstable();
@@ -570,7 +582,10 @@ async fn write_parsed(
         .put_new(bucket, &name, file, archive::CONTENT_TYPE, &ctx.stats)
         .await
     {
-        Ok(()) => group.into_iter().for_each(|e| e.ack.complete()),
+        Ok(()) => {
+            wrote(ctx);
+            group.into_iter().for_each(|e| e.ack.complete());
+        }
         Err(e) => on_write_error(ctx, "parsed output write", n, e)?,
     }
     Ok(())

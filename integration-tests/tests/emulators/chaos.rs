@@ -85,9 +85,15 @@ async fn faults_and_outages_lose_nothing(write_api: &str, n: usize, seed: u64) {
     }
     // 2. An outage of GCS, then one of BigQuery, each longer than the retry budget: batches
     //    fail, their messages are nacked and come back.
+    //    Each lasts until the worker gives a batch up (the sink is then reported not ready).
     for sink in [&[&gcs][..], &[&bq, &bqs]] {
         sink.iter().for_each(|p| p.set(Fault::Reset));
-        tokio::time::sleep(Duration::from_secs(8)).await;
+        tokio::time::timeout(
+            PROCESS_TIMEOUT,
+            stats.wait_for(|x| x.failed_writes_in_a_row > 0),
+        )
+        .await
+        .expect("a batch failed after its retries during the outage");
         sink.iter().for_each(|p| p.set(Fault::Pass));
     }
     // 3. Both sinks hang (connections accepted, never answered) for longer than an attempt
@@ -112,6 +118,10 @@ async fn faults_and_outages_lose_nothing(write_api: &str, n: usize, seed: u64) {
     done.await
         .unwrap()
         .expect("the pipeline recovered by itself (no permanent error)");
+    assert_eq!(
+        snap.failed_writes_in_a_row, 0,
+        "writes succeed again: ready"
+    );
     let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
     let dups = assert_complete(&s, &clients).await;
     let faults: u64 = all
@@ -128,12 +138,12 @@ async fn faults_and_outages_lose_nothing(write_api: &str, n: usize, seed: u64) {
     );
 }
 
-/// A real GCS outage: the worker's GCS emulator (its own, storing on disk) is killed for 20 s
+/// A real GCS outage: the worker's GCS emulator (its own, storing on disk) is stopped for 20 s
 /// mid-run and started again with its data. Writes fail meanwhile, their messages are nacked
 /// and come back; the same worker finishes, and the objects written before the outage are
 /// still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gcs_emulator_killed_for_20_s_and_restarted_loses_nothing() {
+async fn a_gcs_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
     let mut gcs = PrivateGcs::start().await.unwrap();
     let mut s = setup(3_000, 63).await;
     s.emu.endpoints.storage = Some(gcs.endpoint());
