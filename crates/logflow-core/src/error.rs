@@ -71,8 +71,8 @@ pub fn http_retry_reason(status: u16) -> &'static str {
         502 => "http_502",
         503 => "http_503",
         504 => "http_504",
-        500..=599 => "http_5xx",
-        400..=499 => "http_4xx",
+        _ if (500..600).contains(&status) => "http_5xx",
+        _ if (400..500).contains(&status) => "http_4xx",
         _ => "http_other",
     }
 }
