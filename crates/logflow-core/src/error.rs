@@ -37,30 +37,6 @@ pub fn classify_http_status(status: u16) -> ErrorClass {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn http_status_classes() {
-        for (status, class) in [
-            (400, ErrorClass::Permanent),
-            (401, ErrorClass::Permanent),
-            (403, ErrorClass::Permanent),
-            (404, ErrorClass::Permanent),
-            (408, ErrorClass::Transient),
-            (412, ErrorClass::Permanent),
-            (429, ErrorClass::Transient),
-            (500, ErrorClass::Transient),
-            (502, ErrorClass::Transient),
-            (503, ErrorClass::Transient),
-            (504, ErrorClass::Transient),
-        ] {
-            assert_eq!(classify_http_status(status), class, "status {status}");
-        }
-    }
-}
-
 /// A short, bounded name for why a request is being retried (a metric label): the HTTP status
 /// of the usual retryable ones, else its family.
 pub fn http_retry_reason(status: u16) -> &'static str {
@@ -85,5 +61,41 @@ pub fn transport_retry_reason(message: &str) -> &'static str {
         "timeout"
     } else {
         "connection"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_status_classes() {
+        for (status, class) in [
+            (400, ErrorClass::Permanent),
+            (401, ErrorClass::Permanent),
+            (403, ErrorClass::Permanent),
+            (404, ErrorClass::Permanent),
+            (408, ErrorClass::Transient),
+            (412, ErrorClass::Permanent),
+            (429, ErrorClass::Transient),
+            (500, ErrorClass::Transient),
+            (502, ErrorClass::Transient),
+            (503, ErrorClass::Transient),
+            (504, ErrorClass::Transient),
+        ] {
+            assert_eq!(classify_http_status(status), class, "status {status}");
+        }
+    }
+
+    #[test]
+    fn retry_reasons_are_a_bounded_set() {
+        assert_eq!(http_retry_reason(503), "http_503");
+        assert_eq!(http_retry_reason(507), "http_5xx");
+        assert_eq!(http_retry_reason(418), "http_4xx");
+        assert_eq!(transport_retry_reason("operation timed out"), "timeout");
+        assert_eq!(
+            transport_retry_reason("connection reset by peer"),
+            "connection"
+        );
     }
 }
