@@ -51,6 +51,10 @@ pub struct Stats {
     pub insert_flush: Histogram,
     /// Time to write one dead-letter object, retries included.
     pub dead_letter_flush: Histogram,
+    /// Messages per raw-archive object.
+    pub archive_batch: SizeHistogram,
+    /// Rows per BigQuery batch (insertAll or AppendRows call).
+    pub insert_batch: SizeHistogram,
     /// Dead letters written, by error class (a small, bounded set of static names).
     dead_letter_classes: std::sync::Mutex<Vec<(&'static str, u64)>>,
     /// Retries, by sink and reason (small, bounded sets of static names).
@@ -68,36 +72,90 @@ pub const BUCKETS_SECONDS: [f64; 14] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0,
 ];
 
-/// A fixed-bucket latency histogram (Prometheus style), updated with relaxed atomics.
-#[derive(Debug, Default)]
+/// Upper bounds of the batch-size histograms (messages or rows per written batch).
+pub const BUCKETS_BATCH: [f64; 12] = [
+    1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 25000.0, 50000.0,
+];
+
+/// A fixed-bucket histogram (Prometheus style), updated with relaxed atomics: latencies in
+/// seconds by default ([`BUCKETS_SECONDS`]), or sizes ([`Histogram::sizes`]).
+#[derive(Debug)]
 pub struct Histogram {
-    /// Non-cumulative counts per bucket of [`BUCKETS_SECONDS`], plus one for larger values.
-    buckets: [AtomicU64; BUCKETS_SECONDS.len() + 1],
+    bounds: &'static [f64],
+    /// Non-cumulative counts per bucket of `bounds`, plus one for larger values.
+    buckets: Box<[AtomicU64]>,
+    /// Sum of the observations, in millionths.
     sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::with_bounds(&BUCKETS_SECONDS)
+    }
+}
+
+/// A batch-size histogram ([`BUCKETS_BATCH`]); a [`Histogram`] otherwise.
+#[derive(Debug)]
+pub struct SizeHistogram(Histogram);
+
+impl Default for SizeHistogram {
+    fn default() -> Self {
+        SizeHistogram(Histogram::sizes())
+    }
+}
+
+impl std::ops::Deref for SizeHistogram {
+    type Target = Histogram;
+    fn deref(&self) -> &Histogram {
+        &self.0
+    }
 }
 
 /// A histogram read at one instant: cumulative counts per bucket bound, and the sum.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistogramSnapshot {
-    /// `(upper bound in seconds, observations at or below it)`, the last bound infinite.
+    /// `(upper bound, observations at or below it)`, the last bound infinite.
     pub cumulative: Vec<(f64, u64)>,
-    /// Sum of the observations, in seconds.
-    pub sum_seconds: f64,
+    /// Sum of the observations (seconds, or items for size histograms).
+    pub sum: f64,
     /// Number of observations.
     pub count: u64,
 }
 
 impl Histogram {
+    /// A histogram with these upper bounds (ascending).
+    pub fn with_bounds(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    /// A batch-size histogram ([`BUCKETS_BATCH`]).
+    pub fn sizes() -> Self {
+        Histogram::with_bounds(&BUCKETS_BATCH)
+    }
+
+    fn observe(&self, value: f64, millionths: u64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| value <= b)
+            .unwrap_or(self.bounds.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(millionths, Ordering::Relaxed);
+    }
+
     /// Records one observation of `micros` microseconds (negative values count as 0).
     pub fn observe_micros(&self, micros: i64) {
         let micros = micros.max(0) as u64;
-        let seconds = micros as f64 / 1e6;
-        let i = BUCKETS_SECONDS
-            .iter()
-            .position(|&b| seconds <= b)
-            .unwrap_or(BUCKETS_SECONDS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.observe(micros as f64 / 1e6, micros);
+    }
+
+    /// Records one batch of `n` items.
+    pub fn observe_count(&self, n: u64) {
+        self.observe(n as f64, n.saturating_mul(1_000_000));
     }
 
     /// Records the time since `start`.
@@ -111,14 +169,11 @@ impl Histogram {
         let mut cumulative = Vec::with_capacity(self.buckets.len());
         for (i, b) in self.buckets.iter().enumerate() {
             total += b.load(Ordering::Relaxed);
-            cumulative.push((
-                BUCKETS_SECONDS.get(i).copied().unwrap_or(f64::INFINITY),
-                total,
-            ));
+            cumulative.push((self.bounds.get(i).copied().unwrap_or(f64::INFINITY), total));
         }
         HistogramSnapshot {
             cumulative,
-            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            sum: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
             count: total,
         }
     }
@@ -306,6 +361,19 @@ mod tests {
     }
 
     #[test]
+    fn size_histograms_count_items() {
+        let h = SizeHistogram::default();
+        h.observe_count(1);
+        h.observe_count(500);
+        h.observe_count(60_000);
+        let snap = h.snapshot();
+        assert_eq!((snap.count, snap.sum), (3, 60_501.0));
+        assert_eq!(snap.cumulative[0], (1.0, 1));
+        assert!(snap.cumulative.contains(&(500.0, 2)));
+        assert_eq!(snap.cumulative.last(), Some(&(f64::INFINITY, 3)));
+    }
+
+    #[test]
     fn histogram_buckets_are_cumulative_with_an_infinite_last() {
         let h = Histogram::default();
         for micros in [5_000, 10_000, 10_001, 2_000_000, 900_000_000, -3] {
@@ -319,11 +387,7 @@ mod tests {
         assert_eq!(at(2.5), 5);
         assert_eq!(at(600.0), 5);
         assert_eq!(s.cumulative.last().unwrap(), &(f64::INFINITY, 6));
-        assert!(
-            (s.sum_seconds - 902.025_001).abs() < 1e-6,
-            "{}",
-            s.sum_seconds
-        );
+        assert!((s.sum - 902.025_001).abs() < 1e-6, "{}", s.sum);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -310,7 +310,7 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
         }
     }
     type Hist = fn(&Stats) -> &logflow_core::stats::Histogram;
-    let histograms: [(&str, &str, Hist); 4] = [
+    let histograms: [(&str, &str, Hist); 6] = [
         (
             "logflow_source_ack_lag_seconds",
             "Publish to ack time of acked messages.",
@@ -331,6 +331,16 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
             "Time to write one dead-letter object, retries included.",
             |s| &s.dead_letter_flush,
         ),
+        (
+            "logflow_archive_batch_messages",
+            "Messages per raw-archive object.",
+            |s| &s.archive_batch,
+        ),
+        (
+            "logflow_bigquery_batch_rows",
+            "Rows per BigQuery insertAll or AppendRows batch.",
+            |s| &s.insert_batch,
+        ),
     ];
     for (name, help, get) in histograms {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
@@ -348,7 +358,7 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
             }
             out.push_str(&format!(
                 "{name}_sum{{pipeline=\"{pipeline}\"}} {}\n{name}_count{{pipeline=\"{pipeline}\"}} {}\n",
-                h.sum_seconds, h.count
+                h.sum, h.count
             ));
         }
     }

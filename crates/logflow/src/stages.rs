@@ -151,6 +151,7 @@ pub async fn archive_stage(
                 .put_new(&out.bucket, &name, file, format.content_type(), &ctx.stats)
                 .await;
             ctx.stats.archive_flush.observe_since(started);
+            ctx.stats.archive_batch.observe_count(n as u64);
             match written {
                 Ok(()) => {
                     wrote(&ctx);
@@ -382,6 +383,9 @@ async fn insert_batch(
         }
     };
     ctx.stats.insert_flush.observe_since(started);
+    ctx.stats
+        .insert_batch
+        .observe_count(batch.envs.len() as u64);
     drop(rows);
     let outcome = match result {
         Ok(o) => o,

@@ -199,10 +199,18 @@ pub(crate) fn spawn_worker(
             .lines()
             .map_while(Result::ok)
         {
+            // Text lines carry `addr=…`; JSON lines (LOGFLOW_LOG_FORMAT=json) `"addr":"…"`.
+            let json_addr = || {
+                serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v["fields"]["addr"].as_str().map(str::to_string))
+            };
             if line.contains("admin endpoint listening")
                 && let Some(addr) = line
                     .split_whitespace()
                     .find_map(|w| w.strip_prefix("addr="))
+                    .map(str::to_string)
+                    .or_else(json_addr)
             {
                 // The test may have given up waiting: nobody to tell then.
                 started_tx.send(addr.to_string()).ok();

@@ -112,7 +112,11 @@ async fn personal_data_never_reaches_bigquery_or_parquet_in_clear() {
         "{err}"
     );
 
-    let (mut child, log, _) = spawn_worker(&yaml, "pii", &[("LOGFLOW_PII_KEY", KEY)]);
+    let (mut child, log, _) = spawn_worker(
+        &yaml,
+        "pii",
+        &[("LOGFLOW_PII_KEY", KEY), ("LOGFLOW_LOG_FORMAT", "json")],
+    );
     let deadline = Instant::now() + PROCESS_TIMEOUT;
     let count = format!("SELECT COUNT(*) FROM {dataset}.signups");
     loop {
@@ -132,6 +136,15 @@ async fn personal_data_never_reaches_bigquery_or_parquet_in_clear() {
     send_signal("-TERM", &child.id().to_string());
     assert!(child.wait().unwrap().success());
     let lines = log.join().unwrap();
+    // Structured logs: every line is a JSON object with a level and a message.
+    assert!(!lines.is_empty());
+    for l in &lines {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{l}"
+        );
+    }
     for (email, phone) in expected.values() {
         assert!(
             !lines.iter().any(|l| l.contains(email) || l.contains(phone)),

@@ -329,6 +329,17 @@ async fn every_message_lands(write_api: &str) {
         assert_eq!(stats.ack_lag.snapshot().count, snap.acked, "{name}");
         assert!(stats.archive_flush.snapshot().count >= 1, "{name}");
         assert!(stats.insert_flush.snapshot().count >= 1, "{name}");
+        // Batch sizes add up to what was written (no write failed here).
+        assert_eq!(
+            stats.archive_batch.snapshot().sum as u64,
+            snap.archived,
+            "{name}"
+        );
+        assert_eq!(
+            stats.insert_batch.snapshot().sum as u64,
+            snap.inserted,
+            "{name}"
+        );
     }
     // And /metrics says the same.
     let text = logflow::admin::render_metrics(&running.stats);
