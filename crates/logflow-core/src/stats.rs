@@ -62,6 +62,9 @@ pub struct Stats {
     /// Batches whose write failed after its retries since the last write that succeeded: a
     /// sink is failing while this is above zero.
     pub failed_writes_in_a_row: AtomicU64,
+    /// StreamingPull attempts that failed since a stream last delivered a message: the
+    /// subscription cannot be read while this keeps growing.
+    pub stream_failures_in_a_row: AtomicU64,
     waiters: AtomicUsize,
     changed: Notify,
 }

@@ -298,6 +298,7 @@ impl PubsubSource {
                         }
                         failures += 1;
                         stats.add(&stats.stream_reopens, 1);
+                        stats.add(&stats.stream_failures_in_a_row, 1);
                         let wait = REOPEN_BACKOFF.jittered_backoff(failures);
                         warn!(subscription = %o.subscription, stream = index, error = %e, retry_in = ?wait, "streaming pull failed, re-opening");
                         tokio::select! {
@@ -311,6 +312,11 @@ impl PubsubSource {
                         continue 'streams;
                     }
                 };
+                if failures > 0 {
+                    stats
+                        .stream_failures_in_a_row
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
+                }
                 failures = 0;
                 idle = o.idle_reopen;
                 let size = msg.data.len()

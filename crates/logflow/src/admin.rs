@@ -157,14 +157,25 @@ fn route(path: &str, state: &AdminState) -> (&'static str, &'static str, String)
     }
 }
 
-/// Ready: not shutting down, and no pipeline has a sink failing (a batch whose write failed
-/// after its retries, with no write succeeding since). A rollout of pods that cannot write
-/// stops at the first one.
+/// StreamingPull failures in a row that make a pipeline not ready (one is a blip: streams are
+/// re-opened with backoff).
+const STREAM_FAILURES_NOT_READY: u64 = 3;
+
+/// Ready: not shutting down, its subscriptions can be read (no run of failed StreamingPull
+/// attempts), and no pipeline has a sink failing (a batch whose write failed after its
+/// retries, with no write succeeding since). A rollout of pods that cannot work stops at the
+/// first one.
 fn readiness(state: &AdminState) -> Result<(), String> {
     if !state.ready.load(Ordering::Relaxed) {
         return Err("shutting down".into());
     }
     for (name, stats) in &state.pipelines {
+        let pulls = stats.stream_failures_in_a_row.load(Ordering::Relaxed);
+        if pulls >= STREAM_FAILURES_NOT_READY {
+            return Err(format!(
+                "pipeline {name}: StreamingPull failed {pulls} times in a row, no message since"
+            ));
+        }
         let failed = stats.failed_writes_in_a_row.load(Ordering::Relaxed);
         if failed > 0 {
             return Err(format!(
@@ -508,6 +519,19 @@ mod tests {
             "{r}"
         );
         stats.failed_writes_in_a_row.store(0, Ordering::Relaxed);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        stats.stream_failures_in_a_row.store(2, Ordering::Relaxed);
+        assert!(
+            get("/readyz").await.starts_with("HTTP/1.1 200"),
+            "two blips are ready"
+        );
+        stats.stream_failures_in_a_row.store(3, Ordering::Relaxed);
+        let r = get("/readyz").await;
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.contains("StreamingPull failed 3 times"),
+            "{r}"
+        );
+        stats.stream_failures_in_a_row.store(0, Ordering::Relaxed);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         state.ready.store(false, Ordering::Relaxed);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
