@@ -1,8 +1,9 @@
 //! Reading back what a worker wrote: the message ids in raw-archive and dead-letter objects
-//! (and the dead letters' error classes).
+//! (and the dead letters' error classes), and the record batches of parsed Parquet objects.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use arrow::array::RecordBatch;
 use logflow_gcs::{Gcs, archive, deadletter};
 
 /// Message ids of every raw-archive object under `prefix`, by object name (in listing order).
@@ -44,6 +45,24 @@ pub async fn dead_letter_classes(
     for obj in gcs.list(bucket, prefix).await? {
         for line in deadletter::decode(&gcs.get(bucket, &obj.name).await?)? {
             out.insert(line.message_id, line.error_class);
+        }
+    }
+    Ok(out)
+}
+
+/// Every record batch of every Parquet object under `prefix`.
+pub async fn parquet_batches(
+    gcs: &Gcs,
+    bucket: &str,
+    prefix: &str,
+) -> anyhow::Result<Vec<RecordBatch>> {
+    let mut out = Vec::new();
+    for obj in gcs.list(bucket, prefix).await? {
+        let file = gcs.get(bucket, &obj.name).await?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?
+            .build()?;
+        for batch in reader {
+            out.push(batch?);
         }
     }
     Ok(out)

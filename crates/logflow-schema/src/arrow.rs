@@ -124,8 +124,7 @@ impl ArrowEncoder {
         descriptor: MessageDescriptor,
         key: Option<&crate::PiiKey>,
     ) -> Result<Self, SchemaError> {
-        let plan = MessagePlan::root(&descriptor, key)?;
-        crate::pii::check_key(&plan, descriptor.full_name(), key)?;
+        let plan = MessagePlan::for_encoding(&descriptor, key)?;
         let mut fields = metadata_fields();
         fields.extend(plan.fields.iter().map(column_field));
         Ok(ArrowEncoder {

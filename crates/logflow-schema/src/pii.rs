@@ -321,6 +321,16 @@ message M {
 
     const KEY: &[u8] = b"0123456789abcdef-test-key";
 
+    fn meta() -> RowMeta<'static> {
+        RowMeta {
+            message_id: "1",
+            publish_time_micros: 0,
+            attributes: &[],
+            subscription: "s",
+            ingest_time_micros: 0,
+        }
+    }
+
     #[test]
     fn rows_carry_hashes_masks_and_no_dropped_fields() {
         let r = registry(SOURCE);
@@ -334,13 +344,7 @@ message M {
         let key = PiiKey::new(KEY).unwrap();
         let enc = RowEncoder::with_pii_key(md, Some(&key)).unwrap();
         let bytes = payload(&r);
-        let meta = RowMeta {
-            message_id: "1",
-            publish_time_micros: 0,
-            attributes: &[],
-            subscription: "s",
-            ingest_time_micros: 0,
-        };
+        let meta = meta();
         let mut wire = Vec::new();
         enc.encode(&meta, &bytes, &mut wire).unwrap();
         let mut dynamic = Vec::new();
@@ -393,13 +397,7 @@ message M {
         assert!(ArrowEncoder::new(md.clone()).is_err());
         let enc = ArrowEncoder::with_pii_key(md, Some(&key)).unwrap();
         let bytes = payload(&r);
-        let meta = RowMeta {
-            message_id: "1",
-            publish_time_micros: 0,
-            attributes: &[],
-            subscription: "s",
-            ingest_time_micros: 0,
-        };
+        let meta = meta();
         let (batch, failed) = enc.batch(&[(meta, &bytes[..])]).unwrap();
         assert!(failed.is_empty());
         assert!(batch.column_by_name("phone").is_none());

@@ -194,6 +194,17 @@ impl MessagePlan {
         Ok(plan)
     }
 
+    /// The plan an encoder writes rows with: [`MessagePlan::root`], and a key for every
+    /// `(logflow.pii) = HASH` field.
+    pub(crate) fn for_encoding(
+        md: &MessageDescriptor,
+        key: Option<&PiiKey>,
+    ) -> Result<MessagePlan, SchemaError> {
+        let plan = MessagePlan::root(md, key)?;
+        crate::pii::check_key(&plan, md.full_name(), key)?;
+        Ok(plan)
+    }
+
     fn count_columns(&self) -> usize {
         self.fields.iter().map(|f| 1 + f.shape.count_nested()).sum()
     }

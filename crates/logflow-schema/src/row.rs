@@ -57,8 +57,7 @@ impl RowEncoder {
         descriptor: MessageDescriptor,
         key: Option<&crate::PiiKey>,
     ) -> Result<Self, SchemaError> {
-        let plan = MessagePlan::root(&descriptor, key)?;
-        crate::pii::check_key(&plan, descriptor.full_name(), key)?;
+        let plan = MessagePlan::for_encoding(&descriptor, key)?;
         let mut type_json = Vec::new();
         push_json_str(&mut type_json, descriptor.full_name());
         Ok(RowEncoder {

@@ -1,6 +1,6 @@
 //! Helpers shared by the emulator tests: configs, publishing, expected values.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use logflow::config::Config;
@@ -21,6 +21,17 @@ pub(crate) struct Stream {
     pub(crate) message_type: String,
     /// message id → sample published under it.
     pub(crate) published: HashMap<String, Sample>,
+}
+
+impl Stream {
+    /// Ids of the messages published valid (not deliberately malformed).
+    pub(crate) fn valid_ids(&self) -> BTreeSet<&str> {
+        self.published
+            .iter()
+            .filter(|(_, x)| x.malformed.is_none())
+            .map(|(id, _)| id.as_str())
+            .collect()
+    }
 }
 
 pub(crate) fn config_yaml(

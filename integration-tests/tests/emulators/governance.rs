@@ -190,30 +190,26 @@ async fn personal_data_never_reaches_bigquery_or_parquet_in_clear() {
 
     // Parsed Parquet: the same.
     let mut parquet_rows = 0;
-    for o in clients.gcs.list(&parsed, "parsed/").await.unwrap() {
-        let file = clients.gcs.get(&parsed, &o.name).await.unwrap();
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
+    let batches =
+        logflow_integration_tests::outputs::parquet_batches(&clients.gcs, &parsed, "parsed/")
+            .await
             .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            assert!(batch.column_by_name("phone").is_none());
-            let ids = batch
-                .column_by_name("_message_id")
-                .unwrap()
-                .as_string::<i32>();
-            let emails = batch.column_by_name("email").unwrap().as_string::<i32>();
-            let names = batch
-                .column_by_name("full_name")
-                .unwrap()
-                .as_string::<i32>();
-            for i in 0..batch.num_rows() {
-                let (email, _) = &expected[ids.value(i)];
-                assert_eq!(emails.value(i), hmac_hex(email));
-                assert_eq!(names.value(i), "****");
-                parquet_rows += 1;
-            }
+    for batch in batches {
+        assert!(batch.column_by_name("phone").is_none());
+        let ids = batch
+            .column_by_name("_message_id")
+            .unwrap()
+            .as_string::<i32>();
+        let emails = batch.column_by_name("email").unwrap().as_string::<i32>();
+        let names = batch
+            .column_by_name("full_name")
+            .unwrap()
+            .as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            let (email, _) = &expected[ids.value(i)];
+            assert_eq!(emails.value(i), hmac_hex(email));
+            assert_eq!(names.value(i), "****");
+            parquet_rows += 1;
         }
     }
     assert!(parquet_rows >= expected.len(), "{parquet_rows} parsed rows");

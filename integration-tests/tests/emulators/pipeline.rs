@@ -84,12 +84,7 @@ async fn verify(
     columns: &[&str],
 ) {
     let short = &s.subscription;
-    let valid: BTreeSet<&str> = s
-        .published
-        .iter()
-        .filter(|(_, x)| x.malformed.is_none())
-        .map(|(id, _)| id.as_str())
-        .collect();
+    let valid = s.valid_ids();
     let malformed: BTreeSet<&str> = s
         .published
         .iter()
@@ -777,13 +772,10 @@ async fn parsed_records_land_as_parquet_that_duckdb_reads() {
             }
         }
     }
-    let valid: BTreeSet<String> = stream
-        .published
-        .iter()
-        .filter(|(_, s)| s.malformed.is_none())
-        .map(|(id, _)| id.clone())
-        .collect();
-    assert_eq!(ids, valid);
+    assert_eq!(
+        ids.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        stream.valid_ids()
+    );
 
     // DuckDB (installed with the BigQuery emulator) reads the files without a schema.
     let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
@@ -801,7 +793,7 @@ async fn parsed_records_land_as_parquet_that_duckdb_reads() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(text, format!("({0}, {0}, {0})", valid.len()));
+    assert_eq!(text, format!("({0}, {0}, {0})", stream.valid_ids().len()));
 }
 
 /// Schema sources in GCS (a `.proto` tree under a prefix, plus a descriptor set object) merge

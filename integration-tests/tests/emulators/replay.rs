@@ -115,33 +115,23 @@ async fn an_ndjson_zst_archive_replays_into_the_same_rows_and_backfills_parsed_o
 
     // The parsed output was backfilled: one Parquet row per valid message.
     let mut parsed_ids = BTreeSet::new();
-    for o in clients
-        .gcs
-        .list(&parsed, &format!("backfill/{ty}/"))
+    for batch in outputs::parquet_batches(&clients.gcs, &parsed, &format!("backfill/{ty}/"))
         .await
         .unwrap()
     {
-        let file = clients.gcs.get(&parsed, &o.name).await.unwrap();
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        let ids = batch
+            .column_by_name("_message_id")
             .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let ids = batch
-                .column_by_name("_message_id")
-                .unwrap()
-                .as_string::<i32>();
-            parsed_ids.extend((0..batch.num_rows()).map(|i| ids.value(i).to_string()));
-        }
+            .as_string::<i32>();
+        parsed_ids.extend((0..batch.num_rows()).map(|i| ids.value(i).to_string()));
     }
-    let valid: BTreeSet<String> = stream
-        .published
-        .iter()
-        .filter(|(_, s)| s.malformed.is_none())
-        .map(|(id, _)| id.clone())
-        .collect();
-    assert_eq!(parsed_ids, valid);
+    assert_eq!(
+        parsed_ids
+            .iter()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>(),
+        stream.valid_ids()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,12 +246,7 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let total = stream.published.len() as u64;
     run_until_acked(cfg.clone(), &clients, total).await;
-    let valid: BTreeSet<&str> = stream
-        .published
-        .iter()
-        .filter(|(_, s)| s.malformed.is_none())
-        .map(|(id, _)| id.as_str())
-        .collect();
+    let valid = stream.valid_ids();
     let malformed = total - valid.len() as u64;
 
     // A dry run reads everything and writes nothing.
