@@ -175,8 +175,10 @@ env_vars() {
   echo "export BIGQUERY_EMULATOR_HOST=http://127.0.0.1:$BQ_PORT"
   echo "export BIGQUERY_STORAGE_EMULATOR_HOST=127.0.0.1:$BQ_GRPC_PORT"
   echo "export LOGFLOW_PROJECT=$PROJECT"
-  # For the tests that stop and restart a GCS emulator of their own.
+  # For the tests that stop and restart emulators of their own.
   echo "export LOGFLOW_FAKE_GCS_BIN=$(fake_gcs_binary)"
+  echo "export LOGFLOW_LOCAL_BIGQUERY_BIN=$VENV/bin/local-bigquery"
+  echo "export LOGFLOW_LOCAL_BIGQUERY_HOME=$STATE/home"
 }
 
 case "${1:-}" in

@@ -4,7 +4,7 @@
 //! share the emulators but not their data.
 
 pub mod outputs;
-pub mod private_gcs;
+pub mod private;
 pub mod proxy;
 
 use std::path::PathBuf;
