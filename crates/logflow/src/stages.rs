@@ -112,9 +112,8 @@ fn on_write_error<E: Classify + std::fmt::Display>(
 ) -> anyhow::Result<()> {
     if e.class() == ErrorClass::Transient {
         warn!(pipeline = %ctx.pipeline, messages = n, error = %e, "{what} failed after retries; messages will be redelivered");
-        ctx.stats
-            .failed_writes_in_a_row
-            .fetch_add(1, Ordering::Relaxed);
+        // Through `add`: readiness and tests wait on it.
+        ctx.stats.add(&ctx.stats.failed_writes_in_a_row, 1);
         Ok(())
     } else {
         error!(pipeline = %ctx.pipeline, messages = n, error = %e, "{what} failed permanently; stopping the pipeline");

@@ -38,7 +38,12 @@ pub async fn load_registry(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Re
     for (i, loc) in s.proto_dirs.iter().enumerate() {
         let at = || format!("schemas.proto_dirs[{i}] ({loc})");
         sources.push(match gcs_location(loc) {
-            None => SchemaSource::read_proto_dir(std::path::Path::new(loc)).with_context(at)?,
+            None => {
+                let dir = std::path::PathBuf::from(loc);
+                tokio::task::spawn_blocking(move || SchemaSource::read_proto_dir(&dir))
+                    .await?
+                    .with_context(at)?
+            }
             Some((bucket, prefix)) => {
                 let gcs =
                     gcs.with_context(|| format!("{}: a gs:// source needs GCS access", at()))?;
@@ -67,7 +72,10 @@ pub async fn load_registry(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Re
         let at = || format!("schemas.descriptor_sets[{i}] ({loc})");
         sources.push(match gcs_location(loc) {
             None => {
-                SchemaSource::read_descriptor_set(std::path::Path::new(loc)).with_context(at)?
+                let file = std::path::PathBuf::from(loc);
+                tokio::task::spawn_blocking(move || SchemaSource::read_descriptor_set(&file))
+                    .await?
+                    .with_context(at)?
             }
             Some((bucket, object)) => {
                 let gcs =
@@ -79,7 +87,9 @@ pub async fn load_registry(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Re
             }
         });
     }
-    Ok(Registry::from_sources(&sources)?.with_pii_key(crate::pii_key_from_env()?))
+    // Compiling is CPU work (the worker reloads schemas while it runs): off the runtime.
+    let registry = tokio::task::spawn_blocking(move || Registry::from_sources(&sources)).await??;
+    Ok(registry.with_pii_key(crate::pii_key_from_env()?))
 }
 
 /// `gs://bucket/rest` → `(bucket, rest)`.
