@@ -311,13 +311,13 @@ impl BigQuery {
                         let resp = req.send().await.map_err(|e| BqError::Transport {
                             op: "insertAll",
                             target: target.to_string(),
-                            message: e.to_string(),
+                            message: transport_message(&e),
                         })?;
                         let status = resp.status().as_u16();
                         let text = resp.bytes().await.map_err(|e| BqError::Transport {
                             op: "insertAll",
                             target: target.to_string(),
-                            message: e.to_string(),
+                            message: transport_message(&e),
                         })?;
                         if !(200..300).contains(&status) {
                             return Err(http_error("insertAll", target, status, &text));
@@ -456,13 +456,13 @@ impl BigQuery {
         let resp = req.send().await.map_err(|e| BqError::Transport {
             op: "tables.get",
             target: target.to_string(),
-            message: e.to_string(),
+            message: transport_message(&e),
         })?;
         let status = resp.status().as_u16();
         let body = resp.bytes().await.map_err(|e| BqError::Transport {
             op: "tables.get",
             target: target.to_string(),
-            message: e.to_string(),
+            message: transport_message(&e),
         })?;
         if status == 404 {
             return Ok(None);
@@ -647,5 +647,15 @@ mod tests {
         let (end2, body2) = build_body(&rows, end, 400);
         assert!(end2 > end);
         serde_json::from_slice::<serde_json::Value>(&body2).unwrap();
+    }
+}
+
+/// A transport error's text, saying so when it was the request timeout (reqwest's own text
+/// does not), so that retries are counted with the right reason.
+fn transport_message(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!("timed out: {e}")
+    } else {
+        e.to_string()
     }
 }
