@@ -618,6 +618,16 @@ fn admin_error(op: &'static str, target: &str, e: BQError) -> BqError {
     }
 }
 
+/// A transport error's text, saying so when it was the request timeout (reqwest's own text
+/// does not), so that retries are counted with the right reason.
+fn transport_message(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!("timed out: {e}")
+    } else {
+        e.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,15 +657,5 @@ mod tests {
         let (end2, body2) = build_body(&rows, end, 400);
         assert!(end2 > end);
         serde_json::from_slice::<serde_json::Value>(&body2).unwrap();
-    }
-}
-
-/// A transport error's text, saying so when it was the request timeout (reqwest's own text
-/// does not), so that retries are counted with the right reason.
-fn transport_message(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        format!("timed out: {e}")
-    } else {
-        e.to_string()
     }
 }
