@@ -150,18 +150,7 @@ async fn a_gcs_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
     for b in [&s.raw, &s.dlq] {
         s.emu.bucket(b).await.unwrap();
     }
-    let cfg = load_config(&config_yaml(
-        &s.emu.project,
-        &s.raw,
-        &s.dlq,
-        &s.dataset,
-        &[&s.stream],
-    ));
-    let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg.clone(), clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let (clients, shutdown, running) = start_on(&s).await;
     let stats = &running.stats[0].1;
     let total = s.stream.published.len() as u64;
     tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total / 4))
@@ -233,18 +222,7 @@ async fn a_bigquery_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
     s.emu.endpoints.bigquery = Some(bq.endpoint());
     s.emu.endpoints.bigquery_storage = Some(bq.grpc_endpoint());
     s.emu.dataset(&s.dataset).await.unwrap();
-    let cfg = load_config(&config_yaml(
-        &s.emu.project,
-        &s.raw,
-        &s.dlq,
-        &s.dataset,
-        &[&s.stream],
-    ));
-    let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg.clone(), clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let (clients, shutdown, running) = start_on(&s).await;
     let stats = std::sync::Arc::clone(&running.stats[0].1);
     // As soon as rows land: the emulators would drain a small backlog before a later stop.
     tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.inserted > 0))
@@ -277,4 +255,21 @@ async fn a_bigquery_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
         "bigquery restart: {} retries, {} nacked, {dups} archived twice, 0 lost",
         snap.retries, snap.nacked
     );
+}
+
+/// Starts an in-process worker on the setup's stream, with the setup's endpoints.
+async fn start_on(s: &Setup) -> (Clients, CancellationToken, worker::RunningWorker) {
+    let cfg = load_config(&config_yaml(
+        &s.emu.project,
+        &s.raw,
+        &s.dlq,
+        &s.dataset,
+        &[&s.stream],
+    ));
+    let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    (clients, shutdown, running)
 }
