@@ -7,9 +7,15 @@
 //! binary is built with `count-allocs`), and the emulators' CPU separately: the emulators set
 //! the wall time, the worker's CPU time is ours.
 //!
+//! Then the floor: a second backlog drained by a consumer that only receives and acks, with
+//! the same Pub/Sub client, streams and flow control (this binary, re-run as a child process so
+//! that its CPU time is its own). What it costs per message is the part of the worker's cost
+//! that is the Pub/Sub client, gRPC and the kernel, before logflow does anything.
+//!
 //! `make bench` runs it (emulators started, release binary built). Settings from the
-//! environment: `BENCH_MESSAGES` (default 500000), `BENCH_STREAMS` (default 4),
-//! `BENCH_OUT` (JSON results, default `target/bench/e2e.json`).
+//! environment: `BENCH_MESSAGES` (default 500000), `BENCH_STREAMS` (default 2, the worker's
+//! default), `BENCH_FLOOR_MESSAGES` (default 100000; 0 skips the floor), `BENCH_OUT` (JSON
+//! results, default `target/bench/e2e.json`).
 
 use std::collections::HashSet;
 use std::io::BufRead as _;
@@ -27,6 +33,8 @@ const TYPES: [&str; 3] = [
     "acme.payments.v1.PaymentEvent",
     "acme.auth.v1.AuthEvent",
 ];
+/// Set (to the subscription's full name) in the floor consumer's environment.
+const FLOOR_ENV: &str = "LOGFLOW_BENCH_FLOOR_SUBSCRIPTION";
 /// Give up when the backlog is not drained in this time.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 
@@ -102,8 +110,12 @@ fn field(line: &str, key: &str) -> Option<f64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    if let Ok(subscription) = std::env::var(FLOOR_ENV) {
+        return floor_consumer(subscription).await;
+    }
     let n: usize = env_or("BENCH_MESSAGES", 500_000);
-    let streams: usize = env_or("BENCH_STREAMS", 4);
+    let streams: usize = env_or("BENCH_STREAMS", 2);
+    let floor_n: usize = env_or("BENCH_FLOOR_MESSAGES", 100_000);
     let out_path = PathBuf::from(env_or(
         "BENCH_OUT",
         repo().join("target/bench/e2e.json").display().to_string(),
@@ -129,43 +141,12 @@ async fn main() -> anyhow::Result<()> {
     let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()])?;
     let publisher =
         logflow::publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref()).await?;
-    let mut all: HashSet<String> = HashSet::with_capacity(n);
-    let mut malformed: HashSet<String> = HashSet::new();
-    let mut payload_bytes = 0u64;
-    let published_at = Instant::now();
-    let chunk = 10_000;
-    let mut gens: Vec<SampleGen> = (0..3)
-        .map(|i| SampleGen::new(1000 + i, now_secs()))
-        .collect();
-    let mds: Vec<_> = TYPES
-        .iter()
-        .map(|t| registry.message(t))
-        .collect::<Result<_, _>>()?;
-    let mut done = 0;
-    while done < n {
-        let k = chunk.min(n - done);
-        let mut items = Vec::with_capacity(k);
-        let mut bad = Vec::with_capacity(k);
-        for j in 0..k {
-            let t = (done + j) % 3;
-            let s = gens[t].samples(&mds[t], 1, 0.01).remove(0);
-            payload_bytes += s.payload.len() as u64;
-            bad.push(s.malformed.is_some());
-            items.push((
-                s.payload,
-                vec![("logflow-type".to_string(), TYPES[t].to_string())],
-            ));
-        }
-        let ids = logflow::publish::publish_all(&publisher, items).await?;
-        for (id, b) in ids.into_iter().zip(bad) {
-            if b {
-                malformed.insert(id.clone());
-            }
-            all.insert(id);
-        }
-        done += k;
-    }
-    let publish_secs = published_at.elapsed().as_secs_f64();
+    let Backlog {
+        all,
+        malformed,
+        payload_bytes,
+        seconds: publish_secs,
+    } = publish_backlog(&registry, &publisher, n).await?;
     eprintln!(
         "published {n} messages ({:.1} MB of payload, {} malformed) in {publish_secs:.0} s",
         payload_bytes as f64 / 1e6,
@@ -323,6 +304,11 @@ async fn main() -> anyhow::Result<()> {
     // The emulator keeps messages in memory: leave nothing behind for the next run.
     emu.delete_topic_and_subscription(&topic, &subscription)
         .await?;
+    let floor = if floor_n > 0 {
+        Some(measure_floor(&emu, &registry, floor_n).await?)
+    } else {
+        None
+    };
     let cpu = user + system;
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -358,6 +344,7 @@ async fn main() -> anyhow::Result<()> {
         "bigquery_rows": rows_total,
         "bigquery_duplicate_rows": rows_total - rows_distinct,
         "dead_letters": dead_count,
+        "floor": floor,
         "emulator_cpu_seconds": emu_cpu.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
     });
     if let Some(d) = out_path.parent() {
@@ -366,6 +353,172 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&out_path, serde_json::to_string_pretty(&results)?)?;
     println!("{}", serde_json::to_string_pretty(&results)?);
     eprintln!("results written to {}", out_path.display());
+    Ok(())
+}
+
+/// A published backlog: its message ids, which of them are malformed, and its payload size.
+struct Backlog {
+    all: HashSet<String>,
+    malformed: HashSet<String>,
+    payload_bytes: u64,
+    seconds: f64,
+}
+
+/// Publishes `n` messages of the sample mix (1 % malformed), the three types in turn.
+async fn publish_backlog(
+    registry: &logflow_schema::Registry,
+    publisher: &google_cloud_pubsub::client::Publisher,
+    n: usize,
+) -> anyhow::Result<Backlog> {
+    let mut all: HashSet<String> = HashSet::with_capacity(n);
+    let mut malformed: HashSet<String> = HashSet::new();
+    let mut payload_bytes = 0u64;
+    let published_at = Instant::now();
+    let chunk = 10_000;
+    let mut gens: Vec<SampleGen> = (0..3)
+        .map(|i| SampleGen::new(1000 + i, now_secs()))
+        .collect();
+    let mds: Vec<_> = TYPES
+        .iter()
+        .map(|t| registry.message(t))
+        .collect::<Result<_, _>>()?;
+    let mut done = 0;
+    while done < n {
+        let k = chunk.min(n - done);
+        let mut items = Vec::with_capacity(k);
+        let mut bad = Vec::with_capacity(k);
+        for j in 0..k {
+            let t = (done + j) % 3;
+            let s = gens[t].samples(&mds[t], 1, 0.01).remove(0);
+            payload_bytes += s.payload.len() as u64;
+            bad.push(s.malformed.is_some());
+            items.push((
+                s.payload,
+                vec![("logflow-type".to_string(), TYPES[t].to_string())],
+            ));
+        }
+        let ids = logflow::publish::publish_all(publisher, items).await?;
+        for (id, b) in ids.into_iter().zip(bad) {
+            if b {
+                malformed.insert(id.clone());
+            }
+            all.insert(id);
+        }
+        done += k;
+    }
+    Ok(Backlog {
+        all,
+        malformed,
+        payload_bytes,
+        seconds: published_at.elapsed().as_secs_f64(),
+    })
+}
+
+/// The floor: `n` messages published to a fresh subscription, drained by this binary re-run
+/// as [`floor_consumer`]. Returns what it reported, with its message count.
+async fn measure_floor(
+    emu: &Emulators,
+    registry: &logflow_schema::Registry,
+    n: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let (topic, subscription, topic_path) = emu.fresh_topic("bench-floor").await?;
+    let publisher =
+        logflow::publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref()).await?;
+    let backlog = publish_backlog(registry, &publisher, n).await?;
+    eprintln!("floor: published {n} messages, draining them with receive-and-ack only");
+    let started = Instant::now();
+    let out = tokio::process::Command::new(std::env::current_exe()?)
+        .env(
+            FLOOR_ENV,
+            format!("projects/{}/subscriptions/{subscription}", emu.project),
+        )
+        .env("BENCH_FLOOR_MESSAGES", n.to_string())
+        .stderr(Stdio::inherit())
+        .output();
+    let out = tokio::time::timeout(DRAIN_TIMEOUT, out)
+        .await
+        .context("the floor consumer did not drain its backlog in time")??;
+    ensure!(out.status.success(), "floor consumer: {}", out.status);
+    let mut r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("floor output {:?}", String::from_utf8_lossy(&out.stdout)))?;
+    let cpu = r["cpu_user_seconds"].as_f64().unwrap_or(0.0)
+        + r["cpu_system_seconds"].as_f64().unwrap_or(0.0);
+    r["messages"] = n.into();
+    r["mean_payload_bytes"] = (backlog.payload_bytes as f64 / n as f64).into();
+    r["cpu_us_per_message"] = (cpu * 1e6 / n as f64).into();
+    r["wall_seconds"] = started.elapsed().as_secs_f64().into();
+    emu.delete_topic_and_subscription(&topic, &subscription)
+        .await?;
+    Ok(r)
+}
+
+/// Receives and acks `BENCH_FLOOR_MESSAGES` messages of `subscription` with the worker's Pub/Sub
+/// client settings (streams, flow control, lease extension), doing nothing else; prints its CPU
+/// time and peak RSS as JSON.
+async fn floor_consumer(subscription: String) -> anyhow::Result<()> {
+    use google_cloud_pubsub::subscriber::ShutdownBehavior;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let n: u64 = env_or("BENCH_FLOOR_MESSAGES", 100_000);
+    let streams: usize = env_or("BENCH_STREAMS", 2);
+    let fc = logflow::config::FlowControlConfig::default();
+    let endpoint = Emulators::from_env()
+        .endpoints
+        .pubsub
+        .context("the floor runs against the Pub/Sub emulator")?;
+    let client = google_cloud_pubsub::client::Subscriber::builder()
+        .with_endpoint(endpoint)
+        .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+        .build()
+        .await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let done = tokio_util::sync::CancellationToken::new();
+    let tasks: Vec<_> = (0..streams)
+        .map(|_| {
+            let mut stream = client
+                .subscribe(subscription.clone())
+                .set_max_outstanding_messages(fc.max_outstanding_messages.div_ceil(streams) as i64)
+                .set_max_outstanding_bytes(fc.max_outstanding_bytes.div_ceil(streams) as i64)
+                .set_max_lease_extension(fc.lease_extension)
+                .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
+                .build();
+            let (received, done) = (Arc::clone(&received), done.clone());
+            tokio::spawn(async move {
+                let token = stream.shutdown_token();
+                loop {
+                    tokio::select! {
+                        _ = done.cancelled() => break,
+                        m = stream.next() => match m {
+                            Some(Ok((_message, handler))) => {
+                                handler.ack();
+                                if received.fetch_add(1, Ordering::Relaxed) + 1 >= n {
+                                    done.cancel();
+                                }
+                            }
+                            Some(Err(e)) => return Err(anyhow::anyhow!("floor stream: {e}")),
+                            None => break,
+                        },
+                    }
+                }
+                // Acks reach Pub/Sub before the usage is read.
+                token.shutdown().await;
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let u = logflow::usage::current();
+    println!(
+        "{}",
+        serde_json::json!({
+            "received": received.load(Ordering::Relaxed),
+            "cpu_user_seconds": u.user_seconds,
+            "cpu_system_seconds": u.system_seconds,
+            "peak_rss_mib": u.max_rss_bytes as f64 / 1048576.0,
+        })
+    );
     Ok(())
 }
 

@@ -13,18 +13,25 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// What the source does when a message's fate is decided.
 pub trait AckHandle: Send + 'static {
     /// All outputs are durable: the source may forget the message.
-    fn ack(self: Box<Self>);
+    fn ack(self);
     /// At least one output failed: the message must be redelivered.
-    fn nack(self: Box<Self>);
+    fn nack(self);
 }
 
-struct Shared {
+/// The state the parts of one message share, with the handle stored inline: one allocation
+/// per message, whatever the number of parts.
+struct Shared<H> {
     remaining: AtomicUsize,
     failed: AtomicBool,
-    handle: Mutex<Option<Box<dyn AckHandle>>>,
+    handle: Mutex<Option<H>>,
 }
 
-impl Shared {
+/// What a part sees of [`Shared`], whatever the handle's type.
+trait Release: Send + Sync {
+    fn release(&self, ok: bool);
+}
+
+impl<H: AckHandle> Release for Shared<H> {
     fn release(&self, ok: bool) {
         if !ok {
             self.failed.store(true, Ordering::Release);
@@ -44,7 +51,7 @@ impl Shared {
 
 /// One branch's share of a message's acknowledgement. Dropping it uncompleted counts as failure.
 pub struct AckPart {
-    shared: Option<Arc<Shared>>,
+    shared: Option<Arc<dyn Release>>,
 }
 
 impl fmt::Debug for AckPart {
@@ -55,14 +62,18 @@ impl fmt::Debug for AckPart {
     }
 }
 
+fn shared<H: AckHandle>(handle: H, n: usize) -> Arc<dyn Release> {
+    Arc::new(Shared {
+        remaining: AtomicUsize::new(n),
+        failed: AtomicBool::new(false),
+        handle: Mutex::new(Some(handle)),
+    })
+}
+
 impl AckPart {
     /// Splits `handle` into `N` parts that must all complete for the handle to be acked.
-    pub fn split<const N: usize>(handle: Box<dyn AckHandle>) -> [AckPart; N] {
-        let shared = Arc::new(Shared {
-            remaining: AtomicUsize::new(N),
-            failed: AtomicBool::new(false),
-            handle: Mutex::new(Some(handle)),
-        });
+    pub fn split<const N: usize, H: AckHandle>(handle: H) -> [AckPart; N] {
+        let shared = shared(handle, N);
         std::array::from_fn(|_| AckPart {
             shared: Some(Arc::clone(&shared)),
         })
@@ -70,18 +81,9 @@ impl AckPart {
 
     /// Splits `handle` into `n` parts (at least one), like [`AckPart::split`] with a count known
     /// only at run time.
-    pub fn split_n(handle: Box<dyn AckHandle>, n: usize) -> Vec<AckPart> {
+    pub fn split_n<H: AckHandle>(handle: H, n: usize) -> impl ExactSizeIterator<Item = AckPart> {
         let n = n.max(1);
-        let shared = Arc::new(Shared {
-            remaining: AtomicUsize::new(n),
-            failed: AtomicBool::new(false),
-            handle: Mutex::new(Some(handle)),
-        });
-        (0..n)
-            .map(|_| AckPart {
-                shared: Some(Arc::clone(&shared)),
-            })
-            .collect()
+        std::iter::repeat_n(shared(handle, n), n).map(|s| AckPart { shared: Some(s) })
     }
 
     /// A part with no handle behind it (replay, tests): completing or dropping it does nothing.
@@ -119,17 +121,17 @@ mod tests {
 
     struct Probe(mpsc::Sender<&'static str>);
     impl AckHandle for Probe {
-        fn ack(self: Box<Self>) {
+        fn ack(self) {
             self.0.send("ack").unwrap();
         }
-        fn nack(self: Box<Self>) {
+        fn nack(self) {
             self.0.send("nack").unwrap();
         }
     }
 
     fn parts() -> ([AckPart; 2], mpsc::Receiver<&'static str>) {
         let (tx, rx) = mpsc::channel();
-        (AckPart::split::<2>(Box::new(Probe(tx))), rx)
+        (AckPart::split::<2, _>(Probe(tx)), rx)
     }
 
     #[test]
@@ -154,8 +156,8 @@ mod tests {
     #[test]
     fn split_n_needs_every_part() {
         let (tx, rx) = mpsc::channel();
-        let parts = AckPart::split_n(Box::new(Probe(tx)), 3);
-        let mut it = parts.into_iter();
+        let mut it = AckPart::split_n(Probe(tx), 3);
+        assert_eq!(it.len(), 3);
         it.next().unwrap().complete();
         it.next().unwrap().complete();
         assert!(rx.try_recv().is_err());

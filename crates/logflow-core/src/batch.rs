@@ -49,28 +49,31 @@ pub async fn next_batch<T>(
     size_of: impl Fn(&T) -> usize,
 ) -> Option<Vec<T>> {
     let first = rx.recv().await?;
-    let deadline = Instant::now() + limits.max_age;
+    // One timer per batch, armed once: a wait per item would register and cancel a timer
+    // each time the stage catches up with its input.
+    let deadline = tokio::time::sleep_until(Instant::now() + limits.max_age);
+    tokio::pin!(deadline);
     let mut bytes = size_of(&first);
     let mut batch = Vec::with_capacity(limits.max_items.min(1024));
     batch.push(first);
     while batch.len() < limits.max_items && bytes < limits.max_bytes {
         // Take what is already queued without touching the timer.
-        match rx.try_recv() {
-            Ok(item) => {
-                bytes += size_of(&item);
-                batch.push(item);
-                continue;
-            }
+        let item = match rx.try_recv() {
+            Ok(item) => item,
             Err(mpsc::error::TryRecvError::Disconnected) => break,
-            Err(mpsc::error::TryRecvError::Empty) => {}
-        }
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(item)) => {
-                bytes += size_of(&item);
-                batch.push(item);
+            Err(mpsc::error::TryRecvError::Empty) => {
+                tokio::select! {
+                    biased;
+                    item = rx.recv() => match item {
+                        Some(item) => item,
+                        None => break,
+                    },
+                    () = &mut deadline => break,
+                }
             }
-            Ok(None) | Err(_) => break,
-        }
+        };
+        bytes += size_of(&item);
+        batch.push(item);
     }
     Some(batch)
 }

@@ -154,7 +154,7 @@ impl PubsubAck {
 }
 
 impl AckHandle for PubsubAck {
-    fn ack(self: Box<Self>) {
+    fn ack(self) {
         self.decided();
         if self.publish_time_micros > 0 {
             self.stats
@@ -164,7 +164,7 @@ impl AckHandle for PubsubAck {
         self.stats.add(&self.stats.acked, 1);
         self.handler.ack();
     }
-    fn nack(self: Box<Self>) {
+    fn nack(self) {
         self.decided();
         self.stats.add(&self.stats.nacked, 1);
         self.handler.nack();
@@ -348,7 +348,7 @@ impl PubsubSource {
                     _bytes: bytes_permit,
                 };
                 // One ack part per output: acked when every output made it durable.
-                let parts = AckPart::split_n(Box::new(ack), outputs.len());
+                let parts = AckPart::split_n(ack, outputs.len());
                 for (out, part) in outputs.iter().zip(parts) {
                     let env = Envelope {
                         record: Arc::clone(&record),

@@ -116,7 +116,9 @@ pub struct BigQueryConfig {
     /// gains fields. `{type}` in the name stands for the message type's short name in snake
     /// case (`logs_{type}` → `logs_http_access_log`): one table per type.
     pub table: String,
-    /// insertAll batching: at most 500 rows is BigQuery's recommendation.
+    /// Rows per request, gathered per table: at most 500 rows is BigQuery's recommendation. A
+    /// row waits at most `max_age` (half of it while its decode batch fills, half while its
+    /// table's request fills).
     #[serde(default = "default_bq_batch")]
     pub batch: BatchLimits,
     /// insertAll requests in flight at once.

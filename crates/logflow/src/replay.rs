@@ -128,10 +128,10 @@ impl ObjectProgress {
 struct ReplayAck(Arc<ObjectProgress>);
 
 impl AckHandle for ReplayAck {
-    fn ack(self: Box<Self>) {
+    fn ack(self) {
         self.0.decide(true);
     }
-    fn nack(self: Box<Self>) {
+    fn nack(self) {
         self.0.decide(false);
     }
 }
@@ -438,16 +438,16 @@ pub async fn replay(
         });
         progress.messages(selected.len() as u64);
         for record in selected {
-            let handle = Box::new(ReplayAck(Arc::clone(&object_progress)));
+            let handle = ReplayAck(Arc::clone(&object_progress));
             let record = Arc::new(record);
             sent.fetch_add(1, Ordering::Relaxed);
             let stopped = match &parsed_tx {
                 None => {
-                    let [ack] = AckPart::split::<1>(handle);
+                    let [ack] = AckPart::split::<1, _>(handle);
                     decode_tx.send(Envelope { record, ack }).await.is_err()
                 }
                 Some(parsed_tx) => {
-                    let [rows, parsed] = AckPart::split::<2>(handle);
+                    let [rows, parsed] = AckPart::split::<2, _>(handle);
                     let (r2, ack) = (Arc::clone(&record), rows);
                     decode_tx.send(Envelope { record: r2, ack }).await.is_err()
                         || parsed_tx

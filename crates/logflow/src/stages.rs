@@ -51,6 +51,107 @@ pub struct RowBatch {
     ends: Vec<usize>,
 }
 
+impl RowBatch {
+    /// Appends `other`'s rows (of the same route) after this batch's rows.
+    fn append(&mut self, other: RowBatch) {
+        let base = self.buf.len();
+        self.buf.extend_from_slice(&other.buf);
+        self.ends.extend(other.ends.iter().map(|e| e + base));
+        self.envs.extend(other.envs);
+    }
+
+    /// Splits off the rows from `at` on into a new batch of the same route.
+    fn split_off(&mut self, at: usize) -> RowBatch {
+        let cut = if at == 0 { 0 } else { self.ends[at - 1] };
+        let buf = self.buf[cut..].to_vec();
+        self.buf.truncate(cut);
+        let ends = self
+            .ends
+            .split_off(at)
+            .into_iter()
+            .map(|e| e - cut)
+            .collect();
+        RowBatch {
+            route: Arc::clone(&self.route),
+            envs: self.envs.split_off(at),
+            buf,
+            ends,
+        }
+    }
+}
+
+/// Rows gathered per table until a request's worth: the decode stage's batches mix every
+/// message type of the subscription, and a pipeline routing many types to a table each would
+/// otherwise send each table a small request per decode batch.
+struct Gather {
+    limits: BatchLimits,
+    /// Tables with rows waiting, each with the time its oldest rows arrived.
+    waiting: Vec<(RowBatch, tokio::time::Instant)>,
+}
+
+impl Gather {
+    fn new(limits: BatchLimits) -> Self {
+        Gather {
+            limits,
+            waiting: Vec::new(),
+        }
+    }
+
+    /// Adds `rows`; full batches of their table (`max_items` rows, or `max_bytes` of row JSON)
+    /// go to `ready`.
+    fn add(&mut self, mut rows: RowBatch, ready: &mut std::collections::VecDeque<RowBatch>) {
+        let now = tokio::time::Instant::now();
+        while !rows.envs.is_empty() {
+            let at = self
+                .waiting
+                .iter()
+                .position(|(w, _)| Arc::ptr_eq(&w.route, &rows.route));
+            let held = at.map_or(0, |i| self.waiting[i].0.envs.len());
+            let room = self.limits.max_items.saturating_sub(held).max(1);
+            let rest = (rows.envs.len() > room).then(|| rows.split_off(room));
+            let i = match at {
+                Some(i) => {
+                    self.waiting[i].0.append(rows);
+                    i
+                }
+                None => {
+                    self.waiting.push((rows, now));
+                    self.waiting.len() - 1
+                }
+            };
+            let w = &self.waiting[i].0;
+            if w.envs.len() >= self.limits.max_items || w.buf.len() >= self.limits.max_bytes {
+                ready.push_back(self.waiting.swap_remove(i).0);
+            }
+            match rest {
+                Some(r) => rows = r,
+                None => break,
+            }
+        }
+    }
+
+    /// When the oldest waiting rows are due.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.waiting
+            .iter()
+            .map(|(_, since)| *since + self.limits.max_age)
+            .min()
+    }
+
+    /// Moves the batches that are due (all of them with `all`) to `ready`.
+    fn flush_due(&mut self, all: bool, ready: &mut std::collections::VecDeque<RowBatch>) {
+        let now = tokio::time::Instant::now();
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if all || self.waiting[i].1 + self.limits.max_age <= now {
+                ready.push_back(self.waiting.swap_remove(i).0);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
 /// Where a GCS output writes.
 #[derive(Debug)]
 pub struct GcsOutput {
@@ -257,12 +358,15 @@ fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (Vec<RowBatch>, Vec<
     (out, dead)
 }
 
-/// Inserts row batches into BigQuery, `concurrency` requests at a time. A table seen for the
-/// first time (a new message type) is created or extended first.
+/// Inserts rows into BigQuery, `concurrency` requests at a time, gathering each table's rows
+/// into requests of up to `limits` (see [`Gather`]). A table seen for the first time (a new
+/// message type) is created or extended first.
+#[allow(clippy::too_many_arguments)]
 pub async fn insert_stage(
     ctx: Arc<StageContext>,
     bq: BigQuery,
     dataset: String,
+    limits: BatchLimits,
     concurrency: usize,
     write_api: WriteApi,
     mut rx: mpsc::Receiver<RowBatch>,
@@ -271,46 +375,75 @@ pub async fn insert_stage(
     // Tables prepared (created or extended) for a schema version: a reload prepares them again.
     type Version = (Arc<str>, Arc<str>);
     let version = |r: &Route| (Arc::clone(&r.table), Arc::clone(&r.fingerprint));
-    let mut ready: std::collections::HashSet<Version> = std::collections::HashSet::new();
-    ready.insert(version(&ctx.router.default_route()));
+    let mut ready_tables: std::collections::HashSet<Version> = std::collections::HashSet::new();
+    ready_tables.insert(version(&ctx.router.default_route()));
     // Storage Write API: each table's writer schema, derived once per schema version.
     let mut writer_schemas: HashMap<Version, Arc<ProtoRowSchema>> = HashMap::new();
+    let mut gather = Gather::new(limits);
+    // Full (or due) batches waiting for a free request slot.
+    let mut ready = std::collections::VecDeque::new();
     let mut inflight = FuturesUnordered::new();
+    let mut open = true;
     loop {
+        while inflight.len() < concurrency
+            && let Some(b) = ready.pop_front()
+        {
+            let b: RowBatch = b;
+            let v = version(&b.route);
+            if !ready_tables.contains(&v) {
+                if let Err(e) = prepare_table(&ctx, &bq, &dataset, &b.route).await {
+                    // Dropping the batch nacks it: its messages come back later.
+                    on_write_error(&ctx, "table preparation", b.envs.len(), e)?;
+                    continue;
+                }
+                ready_tables.insert(v.clone());
+            }
+            let writer_schema = match write_api {
+                WriteApi::InsertAll => None,
+                WriteApi::StorageWrite => Some(match writer_schemas.get(&v) {
+                    Some(s) => Arc::clone(s),
+                    None => {
+                        let s = Arc::new(writer_schema(&b.route)?);
+                        writer_schemas.insert(v, Arc::clone(&s));
+                        s
+                    }
+                }),
+            };
+            inflight.push(insert_batch(
+                &ctx,
+                &bq,
+                &dataset,
+                b,
+                writer_schema,
+                &dead_tx,
+            ));
+        }
+        if !open && ready.is_empty() && inflight.is_empty() {
+            break;
+        }
+        let due = gather.next_due();
         tokio::select! {
             Some(r) = inflight.next(), if !inflight.is_empty() => r?,
-            b = rx.recv(), if inflight.len() < concurrency => match b {
-                Some(b) => {
-                    let v = version(&b.route);
-                    if !ready.contains(&v) {
-                        if let Err(e) = prepare_table(&ctx, &bq, &dataset, &b.route).await {
-                            // Dropping the batch nacks it: its messages come back later.
-                            on_write_error(&ctx, "table preparation", b.envs.len(), e)?;
-                            continue;
-                        }
-                        ready.insert(v.clone());
-                    }
-                    let writer_schema = match write_api {
-                        WriteApi::InsertAll => None,
-                        WriteApi::StorageWrite => Some(match writer_schemas.get(&v) {
-                            Some(s) => Arc::clone(s),
-                            None => {
-                                let s = Arc::new(writer_schema(&b.route)?);
-                                writer_schemas.insert(v, Arc::clone(&s));
-                                s
-                            }
-                        }),
-                    };
-                    inflight.push(insert_batch(&ctx, &bq, &dataset, b, writer_schema, &dead_tx));
+            // Backpressure: nothing more is taken while full batches wait for a slot.
+            b = rx.recv(), if open && ready.is_empty() => match b {
+                Some(b) => gather.add(b, &mut ready),
+                None => {
+                    open = false;
+                    gather.flush_due(true, &mut ready);
                 }
-                None => break,
             },
+            () = sleep_until_some(due), if due.is_some() && open => gather.flush_due(false, &mut ready),
         }
     }
-    while let Some(r) = inflight.next().await {
-        r?;
-    }
     Ok(())
+}
+
+/// Sleeps until `at` (forever without one).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The Storage Write API schema of a route's rows: the table schema of its message type.
@@ -597,6 +730,126 @@ async fn write_parsed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn route(ty: &str) -> Arc<Route> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
+        let registry = logflow_schema::Registry::from_proto_dirs(&[dir]).unwrap();
+        Arc::new(Route {
+            encoder: logflow_schema::RowEncoder::new(registry.message(ty).unwrap()).unwrap(),
+            table: Arc::from(ty),
+            fingerprint: Arc::from("v1"),
+        })
+    }
+
+    /// Rows `ids` of `route`; row `i` is `{"i":i}` for message `i`.
+    fn rows(route: &Arc<Route>, ids: std::ops::Range<usize>) -> RowBatch {
+        let mut b = RowBatch {
+            route: Arc::clone(route),
+            envs: Vec::new(),
+            buf: Vec::new(),
+            ends: Vec::new(),
+        };
+        for i in ids {
+            b.buf.extend_from_slice(format!("{{\"i\":{i}}}").as_bytes());
+            b.ends.push(b.buf.len());
+            b.envs.push(Envelope {
+                record: Arc::new(Record {
+                    message_id: i.to_string(),
+                    publish_time_micros: 0,
+                    attributes: Vec::new(),
+                    ordering_key: String::new(),
+                    data: bytes::Bytes::new(),
+                    delivery_attempt: None,
+                }),
+                ack: logflow_core::AckPart::detached(),
+            });
+        }
+        b
+    }
+
+    /// Each row of `b` still belongs to its message: `(message id, row)` pairs.
+    fn contents(b: &RowBatch) -> Vec<(usize, String)> {
+        let mut start = 0;
+        b.envs
+            .iter()
+            .zip(&b.ends)
+            .map(|(e, &end)| {
+                let row = String::from_utf8(b.buf[start..end].to_vec()).unwrap();
+                start = end;
+                (e.record.message_id.parse().unwrap(), row)
+            })
+            .collect()
+    }
+
+    fn expect(ids: std::ops::Range<usize>) -> Vec<(usize, String)> {
+        ids.map(|i| (i, format!("{{\"i\":{i}}}"))).collect()
+    }
+
+    fn limits(items: usize, bytes: usize) -> BatchLimits {
+        BatchLimits {
+            max_items: items,
+            max_bytes: bytes,
+            max_age: std::time::Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_are_gathered_per_table_into_full_requests() {
+        let (a, b) = (
+            route("acme.http.v1.HttpAccessLog"),
+            route("acme.auth.v1.AuthEvent"),
+        );
+        let mut g = Gather::new(limits(5, 1 << 20));
+        let mut ready = std::collections::VecDeque::new();
+        g.add(rows(&a, 0..3), &mut ready);
+        g.add(rows(&b, 100..103), &mut ready);
+        assert!(ready.is_empty(), "nothing is full yet");
+        // Three more rows of a: five fill a request, the sixth waits for the next one.
+        g.add(rows(&a, 3..6), &mut ready);
+        assert_eq!(ready.len(), 1);
+        let full = ready.pop_front().unwrap();
+        assert!(Arc::ptr_eq(&full.route, &a));
+        assert_eq!(contents(&full), expect(0..5));
+        // Eleven more rows of b at once: two full requests, four rows left waiting.
+        g.add(rows(&b, 103..114), &mut ready);
+        let got: Vec<_> = ready.drain(..).map(|r| contents(&r)).collect();
+        assert_eq!(got, vec![expect(100..105), expect(105..110)]);
+        let mut left: Vec<_> = g.waiting.iter().map(|(w, _)| contents(w)).collect();
+        left.sort();
+        assert_eq!(left, vec![expect(5..6), expect(110..114)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_rows_leave_at_their_age_or_size() {
+        let (a, b) = (
+            route("acme.http.v1.HttpAccessLog"),
+            route("acme.auth.v1.AuthEvent"),
+        );
+        // Each row is 7 or 9 bytes: 20 bytes fill a request whatever the count.
+        let mut g = Gather::new(limits(100, 20));
+        let mut ready = std::collections::VecDeque::new();
+        g.add(rows(&a, 0..2), &mut ready);
+        assert!(ready.is_empty());
+        g.add(rows(&a, 2..3), &mut ready);
+        assert_eq!(ready.len(), 1, "full by size");
+        ready.clear();
+        g.add(rows(&a, 3..4), &mut ready);
+        tokio::time::advance(std::time::Duration::from_millis(600)).await;
+        g.add(rows(&b, 10..11), &mut ready);
+        assert_eq!(
+            g.next_due(),
+            Some(tokio::time::Instant::now() + std::time::Duration::from_millis(400))
+        );
+        g.flush_due(false, &mut ready);
+        assert!(ready.is_empty(), "nothing is due yet");
+        tokio::time::advance(std::time::Duration::from_millis(400)).await;
+        g.flush_due(false, &mut ready);
+        assert_eq!(ready.len(), 1, "a's rows are due, b's are not");
+        assert_eq!(contents(&ready[0]), expect(3..4));
+        g.flush_due(true, &mut ready);
+        assert_eq!(ready.len(), 2);
+        assert_eq!(g.next_due(), None);
+    }
 
     #[test]
     fn split_by_hour_keeps_single_hour_batches_whole() {

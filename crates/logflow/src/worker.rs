@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use logflow_bigquery::{BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES};
-use logflow_core::{Envelope, NoAuth, Stats, TokenProvider};
+use logflow_core::{BatchLimits, Envelope, NoAuth, Stats, TokenProvider};
 use logflow_gcs::{Gcs, GcsOptions, ObjectNamer};
 use logflow_pubsub::{PubsubSource, SourceOptions, SubscriptionCheck};
 use logflow_schema::{Registry, SchemaSource, table_schema};
@@ -531,9 +531,15 @@ pub fn spawn_row_stages(
     let (decode_tx, decode_rx) = mpsc::channel(input_capacity.max(1));
     let (insert_tx, insert_rx) = mpsc::channel(INSERT_CHANNEL);
     let (dead_tx, dead_rx) = mpsc::channel(DEAD_CHANNEL);
+    // A row waits at most `max_age` in all: half of it to gather a decode batch, half to
+    // gather a request's worth of its table's rows.
+    let half_age = BatchLimits {
+        max_age: p.bigquery.batch.max_age / 2,
+        ..p.bigquery.batch
+    };
     set.spawn(stages::decode_stage(
         Arc::clone(ctx),
-        p.bigquery.batch,
+        half_age,
         decode_rx,
         insert_tx,
         dead_tx.clone(),
@@ -542,6 +548,7 @@ pub fn spawn_row_stages(
         Arc::clone(ctx),
         clients.bq.clone(),
         p.bigquery.dataset.clone(),
+        half_age,
         p.bigquery.concurrency,
         p.bigquery.write_api,
         insert_rx,

@@ -718,6 +718,91 @@ async fn messages_name_their_type_and_get_a_table_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_interleaved_types_are_gathered_into_full_requests_per_table() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let (_, subscription, topic_path) = emu.fresh_topic("gather").await.unwrap();
+    let registry = logflow_schema::Registry::from_proto_dirs(&[schemas_dir()]).unwrap();
+    let now = logflow_core::time::now_micros() / 1_000_000;
+    let types = [
+        ("acme.http.v1.HttpAccessLog", "logs_http_access_log"),
+        ("acme.payments.v1.PaymentEvent", "logs_payment_event"),
+        ("acme.auth.v1.AuthEvent", "logs_auth_event"),
+    ];
+    let per_type = 100;
+    let samples: Vec<Vec<_>> = types
+        .iter()
+        .map(|(ty, _)| {
+            let md = registry.message(ty).unwrap();
+            SampleGen::new(5, now).samples(&md, per_type, 0.0)
+        })
+        .collect();
+    // The three types in turn: every decode batch holds a third of each.
+    let mut items = Vec::new();
+    let mut table_of = Vec::new();
+    let mut per_type_samples: Vec<_> = samples.into_iter().map(Vec::into_iter).collect();
+    for _ in 0..per_type {
+        for (samples, (ty, table)) in per_type_samples.iter_mut().zip(&types) {
+            let sample = samples.next().unwrap();
+            items.push((
+                sample.payload,
+                vec![("logflow-type".to_string(), ty.to_string())],
+            ));
+            table_of.push(*table);
+        }
+    }
+    let publisher = publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
+        .await
+        .unwrap();
+    let ids = publish::publish_all(&publisher, items).await.unwrap();
+    let yaml = format!(
+        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\npipelines:\n  - name: gather\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 50, max_bytes: 5000000, max_age: 20s }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 300, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
+        emu.project,
+        schemas_dir().display()
+    );
+    let cfg = load_config(&yaml);
+    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    let stats = &running.stats[0].1;
+    let total = ids.len() as u64;
+    let snap = tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
+        .await
+        .unwrap_or_else(|_| panic!("not all messages acked in time: {:?}", stats.snapshot()));
+    assert_eq!((snap.nacked, snap.inserted), (0, total), "{snap:?}");
+    // 100 rows per table and 50 rows per request: two full requests per table, all sent on
+    // their count (max_age is long enough never to matter here). Sent as the
+    // decode batches come (a third of each type per batch), it would take at least 18.
+    let batches = stats.insert_batch.snapshot();
+    assert_eq!((batches.count, batches.sum as u64), (6, total));
+    shutdown.cancel();
+    running.done.await.unwrap().unwrap();
+
+    for (_, table) in types {
+        let want: BTreeSet<&str> = ids
+            .iter()
+            .zip(&table_of)
+            .filter(|(_, t)| **t == table)
+            .map(|(id, _)| id.as_str())
+            .collect();
+        let rows = clients
+            .bq
+            .query(&format!("SELECT _message_id FROM {dataset}.{table}"))
+            .await
+            .unwrap();
+        let got: Vec<String> = rows.iter().map(|r| cell_str(&r[0]).unwrap()).collect();
+        assert_eq!(got.len(), per_type, "{table}: each row once");
+        assert_eq!(
+            got.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+            want,
+            "{table}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parsed_records_land_as_parquet_that_duckdb_reads() {
     let emu = Emulators::from_env();
     let (raw, dlq, dataset) = destinations(&emu).await;
