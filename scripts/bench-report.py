@@ -195,8 +195,24 @@ def main():
             f"| redeliveries received (beyond one per message) | {e['redelivered_extra']:,} |",
             f"| archive duplicates / BigQuery duplicate rows | {e['archive_duplicates']:,} / {e['bigquery_duplicate_rows']:,} |",
             f"| stream re-opens | {e['stream_reopens']} |",
-            "",
         ]
+        mb = e.get("mean_batch") or {}
+        if mb:
+            lines += [
+                f"| mean rows per BigQuery request / messages per archive object | "
+                f"{mb.get('logflow_bigquery_batch_rows', 0):.0f} / {mb.get('logflow_archive_batch_messages', 0):,.0f} |",
+            ]
+        fl = e.get("floor")
+        if fl:
+            worker_us = e['worker_cpu_us_per_message']
+            lines += [
+                f"| **Pub/Sub client floor**: receive and ack only, same client, streams and flow control "
+                f"({fl['messages']:,} messages, drained in {fl['wall_seconds']:.0f} s) | "
+                f"**{fl['cpu_us_per_message']:.1f} µs** per message "
+                f"({fl['cpu_user_seconds']:.1f} s + {fl['cpu_system_seconds']:.1f} s); "
+                f"the worker's own work above it: {worker_us - fl['cpu_us_per_message']:.1f} µs |",
+            ]
+        lines += [""]
     try:
         with open(os.path.join(OUT, "e2e-1m.json")) as f:
             m = json.load(f)

@@ -92,8 +92,8 @@ async fn metric(admin: &str, name: &str) -> anyhow::Result<u64> {
     c.read_to_string(&mut s).await?;
     Ok(s.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<u64>().ok()))
-        .sum())
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64)
 }
 
 /// `key=value` from a log line.
@@ -250,6 +250,16 @@ async fn main() -> anyhow::Result<()> {
     let drained_secs = started.elapsed().as_secs_f64();
     let received = metric(&admin, "logflow_source_received_messages_total").await?;
     let stream_reopens = metric(&admin, "logflow_source_stream_reopens_total").await?;
+    // Mean batch sizes, from the histograms' sums and counts.
+    let mut mean_batch = serde_json::Map::new();
+    for h in [
+        "logflow_bigquery_batch_rows",
+        "logflow_archive_batch_messages",
+    ] {
+        let sum = metric(&admin, &format!("{h}_sum")).await?;
+        let count = metric(&admin, &format!("{h}_count")).await?;
+        mean_batch.insert(h.into(), (sum as f64 / count.max(1) as f64).into());
+    }
     let vm_hwm_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -340,6 +350,7 @@ async fn main() -> anyhow::Result<()> {
         "received": received,
         "redelivered_extra": received.saturating_sub(total),
         "stream_reopens": stream_reopens,
+        "mean_batch": mean_batch,
         "archive_duplicates": archived_total - archived_ids.len(),
         "bigquery_rows": rows_total,
         "bigquery_duplicate_rows": rows_total - rows_distinct,
