@@ -2,7 +2,8 @@
 # `make bench`: the micro-benchmarks (criterion, release), then the end-to-end run against the
 # emulators (started here if not running, and stopped again if this script started them), then
 # BENCHMARKS.md rewritten from the results. BENCH_MESSAGES sets the end-to-end backlog
-# (default 500000); BENCH_QUICK=1 runs everything briefly (a smoke test of the tooling).
+# (default 500000), BENCH_FLOOR_MESSAGES the Pub/Sub client floor's (default 100000); BENCH_QUICK=1
+# runs everything briefly (a smoke test of the tooling).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,6 +14,7 @@ CRITERION_ARGS=(--warm-up-time 2 --measurement-time 6)
 if [ "${BENCH_QUICK:-0}" = 1 ]; then
   CRITERION_ARGS=(--warm-up-time 0.2 --measurement-time 0.5 --sample-size 10)
   export BENCH_MESSAGES="${BENCH_MESSAGES:-3000}"
+  export BENCH_FLOOR_MESSAGES="${BENCH_FLOOR_MESSAGES:-3000}"
 fi
 
 echo "== micro-benchmarks"
