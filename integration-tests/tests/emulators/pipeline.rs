@@ -768,9 +768,13 @@ async fn rows_of_interleaved_types_are_gathered_into_full_requests_per_table() {
         .unwrap();
     let stats = &running.stats[0].1;
     let total = ids.len() as u64;
-    let snap = tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))
-        .await
-        .unwrap_or_else(|_| panic!("not all messages acked in time: {:?}", stats.snapshot()));
+    // Acks go out before the inserted counter moves: wait for both.
+    let snap = tokio::time::timeout(
+        PROCESS_TIMEOUT,
+        stats.wait_for(|x| x.acked >= total && x.inserted >= total),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("not all messages inserted in time: {:?}", stats.snapshot()));
     assert_eq!((snap.nacked, snap.inserted), (0, total), "{snap:?}");
     // 100 rows per table and 50 rows per request: two full requests per table, all sent on
     // their count (max_age is long enough never to matter here). Sent as the
