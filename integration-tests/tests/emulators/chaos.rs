@@ -15,7 +15,7 @@ use logflow_integration_tests::private::PrivateEmulator;
 use logflow_integration_tests::proxy::{Fault, FaultProxy};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{PROCESS_TIMEOUT, config_yaml, load_config, with_write_api};
+use crate::common::{PROCESS_TIMEOUT, config_yaml, load_config, start_worker, with_write_api};
 use crate::consumption::{Setup, assert_complete, setup, wait_complete};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,17 +259,6 @@ async fn a_bigquery_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
 
 /// Starts an in-process worker on the setup's stream, with the setup's endpoints.
 async fn start_on(s: &Setup) -> (Clients, CancellationToken, worker::RunningWorker) {
-    let cfg = load_config(&config_yaml(
-        &s.emu.project,
-        &s.raw,
-        &s.dlq,
-        &s.dataset,
-        &[&s.stream],
-    ));
-    let clients = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
-    (clients, shutdown, running)
+    let yaml = config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream]);
+    start_worker(&yaml, &s.emu.endpoints).await
 }

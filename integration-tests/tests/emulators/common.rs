@@ -108,6 +108,21 @@ pub(crate) async fn destinations(emu: &Emulators) -> (String, String, String) {
     (raw, dlq, dataset)
 }
 
+/// A worker started in-process on `cfg` (parsed from YAML) against `endpoints`: its clients,
+/// its shutdown token and the worker.
+pub(crate) async fn start_worker(
+    yaml: &str,
+    endpoints: &logflow::endpoints::Endpoints,
+) -> (Clients, CancellationToken, worker::RunningWorker) {
+    let cfg = load_config(yaml);
+    let clients = Clients::connect(&cfg, endpoints).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let running = worker::start(cfg, clients.clone(), shutdown.clone())
+        .await
+        .unwrap();
+    (clients, shutdown, running)
+}
+
 /// Runs a worker with one pipeline until it has acked `total` messages (its own counter is the
 /// signal), then shuts it down cleanly; returns its counters.
 pub(crate) async fn run_until_acked(cfg: Config, clients: &Clients, total: u64) -> Snapshot {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::{
     PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, publish_samples,
-    published_stream,
+    published_stream, start_worker,
 };
 
 /// Waits until the workers' acks add up to `total`.
@@ -510,13 +510,11 @@ async fn idle_streams_are_reopened_and_keep_delivering() {
         "    flow_control:",
         "    stream_idle_timeout: 1s\n    flow_control:",
     );
-    let cfg = load_config(&yaml);
-    assert_eq!(cfg.pipelines[0].stream_idle_timeout, Duration::from_secs(1));
-    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    assert_eq!(
+        load_config(&yaml).pipelines[0].stream_idle_timeout,
+        Duration::from_secs(1)
+    );
+    let (clients, shutdown, running) = start_worker(&yaml, &emu.endpoints).await;
     let stats = &running.stats[0].1;
     // Nothing is published yet: both streams go idle and are re-opened, each more than once
     // (after 1 s, then 2 s: the period doubles while idle).

@@ -13,7 +13,7 @@ use logflow_integration_tests::{Emulators, unique};
 use prost::Message as _;
 use prost_reflect::{DynamicMessage, Value};
 
-use crate::common::{PROCESS_TIMEOUT, destinations, load_config};
+use crate::common::{PROCESS_TIMEOUT, destinations, load_config, start_worker};
 use crate::consumption::{send_signal, spawn_worker};
 
 const KEY: &str = "governance-test-key-0123456789";
@@ -253,12 +253,7 @@ async fn schemas_reload_without_a_restart_and_refuse_incompatible_versions() {
         emu.project,
         dir.display()
     );
-    let cfg = load_config(&yaml);
-    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = logflow::worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let (clients, shutdown, running) = start_worker(&yaml, &emu.endpoints).await;
     let stats = std::sync::Arc::clone(&running.stats[0].1);
     let publisher = publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
         .await

@@ -20,10 +20,7 @@ use prost_reflect::{DynamicMessage, Value};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeSet;
 
-use logflow::worker;
-use tokio_util::sync::CancellationToken;
-
-use crate::common::{PROCESS_TIMEOUT, destinations, load_config};
+use crate::common::{PROCESS_TIMEOUT, destinations, start_worker};
 
 const HTTP: &str = "acme.http.v1.HttpAccessLog";
 const TYPES: [&str; 3] = [
@@ -201,12 +198,7 @@ async fn ten_thousand_malformed_payloads_are_dead_lettered_by_class() {
         emu.project,
         schemas_dir().display()
     );
-    let cfg = load_config(&yaml);
-    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let (clients, shutdown, running) = start_worker(&yaml, &emu.endpoints).await;
     let stats = &running.stats[0].1;
     let total = expect.len() as u64;
     tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.acked >= total))

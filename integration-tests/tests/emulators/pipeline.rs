@@ -13,7 +13,7 @@ use logflow_integration_tests::{Emulators, schemas_dir, unique};
 
 use crate::common::{
     PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, published_stream,
-    run_until_acked, with_write_api,
+    run_until_acked, start_worker, with_write_api,
 };
 use prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
 use tokio_util::sync::CancellationToken;
@@ -760,12 +760,7 @@ async fn rows_of_interleaved_types_are_gathered_into_full_requests_per_table() {
         emu.project,
         schemas_dir().display()
     );
-    let cfg = load_config(&yaml);
-    let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
-    let shutdown = CancellationToken::new();
-    let running = worker::start(cfg, clients.clone(), shutdown.clone())
-        .await
-        .unwrap();
+    let (clients, shutdown, running) = start_worker(&yaml, &emu.endpoints).await;
     let stats = &running.stats[0].1;
     let total = ids.len() as u64;
     // Acks go out before the inserted counter moves: wait for both.
