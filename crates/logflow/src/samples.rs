@@ -40,6 +40,7 @@ pub struct Sample {
 pub struct SampleGen {
     rng: StdRng,
     now_secs: i64,
+    full_requests: bool,
 }
 
 const PATHS: &[&str] = &[
@@ -102,7 +103,16 @@ impl SampleGen {
         SampleGen {
             rng: StdRng::seed_from_u64(seed),
             now_secs,
+            full_requests: false,
         }
+    }
+
+    /// Every request header present, with a browser's full cookie (session, cart, consent and
+    /// analytics cookies): HTTP access logs of about 1 KiB, the size the end-to-end
+    /// benchmark's goal is stated for.
+    pub fn with_full_requests(mut self) -> Self {
+        self.full_requests = true;
+        self
     }
 
     /// `count` samples of `md`, of which about `malformed_fraction` are malformed.
@@ -227,11 +237,20 @@ impl SampleGen {
                 "device" => (DEVICE_KEYS, self.rng.random_range(3..=DEVICE_KEYS.len())),
                 _ => (MAP_KEYS, self.rng.random_range(2..=4)),
             };
+            let (n, every_key) = if self.full_requests && f.name() == "headers" {
+                (keys.len(), true)
+            } else {
+                (n, false)
+            };
             let mut map = std::collections::HashMap::new();
-            for _ in 0..n {
+            for i in 0..n {
                 let key = match self.single(&kf, depth + 1)? {
                     Value::String(s) => {
-                        let k = keys.choose(&mut self.rng).map_or(s, |k| k.to_string());
+                        let k = if every_key {
+                            keys[i].to_string()
+                        } else {
+                            keys.choose(&mut self.rng).map_or(s, |k| k.to_string())
+                        };
                         if vf.kind() == Kind::String {
                             let v = self.string_for(&k);
                             map.insert(MapKey::String(k), Value::String(v));
@@ -357,6 +376,19 @@ impl SampleGen {
                 "https://shop.example.com{}?ref={}",
                 pick(r, PATHS),
                 hex(r, 8)
+            ),
+            "cookie" if self.full_requests => format!(
+                "session={}; cart={}; consent=analytics:1,ads:0; _ga=GA1.2.{}.{}; _gid=GA1.2.{}.{}; _fbp=fb.1.{}.{}; ab_bucket={}; recently_viewed={}",
+                hex(r, 48),
+                hex(r, 16),
+                r.random_range(100_000_000..999_999_999u64),
+                self.now_secs - r.random_range(0..30_000_000),
+                r.random_range(100_000_000..999_999_999u64),
+                self.now_secs - r.random_range(0..86_400),
+                self.now_secs * 1000 + r.random_range(0..1000),
+                r.random_range(1_000_000_000..9_999_999_999u64),
+                pick(r, WORDS),
+                (0..6).map(|_| hex(r, 8)).collect::<Vec<_>>().join("%2C")
             ),
             "cookie" => format!(
                 "session={}; cart={}; consent=analytics:1,ads:0",
@@ -485,6 +517,26 @@ mod tests {
                 }
             }
             assert!(kinds.len() >= 2, "{ty}: {kinds:?}");
+        }
+    }
+
+    #[test]
+    fn full_requests_carry_every_header_and_weigh_about_a_kib() {
+        let md = registry().message("acme.http.v1.HttpAccessLog").unwrap();
+        let samples = SampleGen::new(3, 1_790_000_000)
+            .with_full_requests()
+            .samples(&md, 300, 0.0);
+        let mean = samples.iter().map(|s| s.payload.len()).sum::<usize>() / samples.len();
+        assert!((900..1300).contains(&mean), "mean {mean} B");
+        for s in &samples {
+            let m = s.message.as_ref().unwrap();
+            let request = m.get_field_by_name("request").unwrap();
+            let headers = request
+                .as_message()
+                .unwrap()
+                .get_field_by_name("headers")
+                .unwrap();
+            assert_eq!(headers.as_map().unwrap().len(), HEADER_NAMES.len());
         }
     }
 
