@@ -214,6 +214,35 @@ def main():
             ]
         lines += [""]
     try:
+        with open(os.path.join(OUT, "e2e-kib.json")) as f:
+            k = json.load(f)
+        kwhen = datetime.datetime.fromtimestamp(k["unix_time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        kfl = k.get("floor")
+        lines += [
+            f"**On ≈ 1 KiB messages** (`BENCH_MIX=kib`, `make bench BENCH_KIB=1`; commit {k.get('commit')}, {kwhen}): "
+            "HTTP access logs with every request header and a browser's whole cookie, the size #9's goal "
+            "is stated for, one table; otherwise the same settings.",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| messages (malformed) | {k['messages']:,} ({k['malformed']:,}), {k['mean_payload_bytes']:.0f} B per message on average |",
+            f"| worker CPU (user + system) | {k['worker_cpu_user_seconds']:.1f} s + {k['worker_cpu_system_seconds']:.1f} s |",
+            f"| **worker CPU per message** | **{k['worker_cpu_us_per_message']:.1f} µs** |",
+            f"| **payload per worker CPU-second** | **{k['payload_mb_per_cpu_second']:.1f} MB/s** |",
+            f"| **worker peak RSS** | **{k['worker_peak_rss_mib']:.0f} MiB** |",
+            f"| worker heap allocations per message | {k['worker_allocations_per_message']:.1f} |"
+            if k.get("worker_allocations_per_message") is not None else "| worker heap allocations per message | not counted |",
+            f"| wall time to drain | {k['drain_wall_seconds']:.0f} s |",
+            f"| redeliveries / archive duplicates / BigQuery duplicate rows | {k['redelivered_extra']:,} / {k['archive_duplicates']:,} / {k['bigquery_duplicate_rows']:,} |",
+        ]
+        if kfl:
+            lines += [
+                f"| Pub/Sub client floor on the same messages ({kfl['messages']:,}) | {kfl['cpu_us_per_message']:.1f} µs per message |",
+            ]
+        lines += [""]
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
         with open(os.path.join(OUT, "e2e-1m.json")) as f:
             m = json.load(f)
         lines += [

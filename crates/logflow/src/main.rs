@@ -258,7 +258,12 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
+    // Before the runtime starts its threads.
+    let arenas = logflow::usage::limit_malloc_arenas();
     init_tracing();
+    if let Some(n) = arenas {
+        tracing::debug!(arenas = n, "malloc arenas capped");
+    }
     logflow::install_crypto_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
