@@ -14,8 +14,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BinaryArray, BinaryBuilder, Int32Array, Int32Builder, MapArray, MapBuilder,
-    RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
+    Array, ArrayRef, BinaryArray, Int32Array, Int32Builder, MapArray, MapBuilder, RecordBatch,
+    StringArray, StringBuilder, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
@@ -73,9 +73,52 @@ impl ArchiveFormat {
         subscription: &str,
         level: i32,
     ) -> Result<Bytes, GcsError> {
+        self.encode_reusing(records, subscription, level, &mut EncodeScratch::default())
+    }
+
+    /// [`ArchiveFormat::encode`], building the payload column in `scratch`'s memory and leaving
+    /// it there for the next batch. A stage that encodes one batch after another keeps one
+    /// scratch: a batch's payloads are tens of MiB, and fresh memory of that size costs a
+    /// page fault per 4 KiB every time (≈ 5 % of the worker's CPU on ≈ 1 KiB messages).
+    pub fn encode_reusing<'a>(
+        self,
+        records: impl ExactSizeIterator<Item = &'a Record> + Clone,
+        subscription: &str,
+        level: i32,
+        scratch: &mut EncodeScratch,
+    ) -> Result<Bytes, GcsError> {
         match self {
-            ArchiveFormat::Parquet => encode_parquet(records, subscription, level),
+            ArchiveFormat::Parquet => encode_parquet(records, subscription, level, scratch),
             ArchiveFormat::NdjsonZst => encode_ndjson_zst(records, subscription, level),
+        }
+    }
+}
+
+/// Memory kept between archive batches (see [`ArchiveFormat::encode_reusing`]).
+#[derive(Debug, Default)]
+pub struct EncodeScratch {
+    data: Vec<u8>,
+}
+
+impl EncodeScratch {
+    /// Takes the buffer for a batch of `len` payload bytes, empty. Memory well beyond what
+    /// the batch needs is returned to the allocator, so that one unusually large batch does
+    /// not stay resident.
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut v = std::mem::take(&mut self.data);
+        v.clear();
+        if v.capacity() > len.saturating_mul(2).max(1 << 20) {
+            v = Vec::new();
+        }
+        v.reserve(len);
+        v
+    }
+
+    /// Gives the buffer back once nothing refers to it; if something still does, the next
+    /// batch allocates afresh.
+    fn put_back(&mut self, values: arrow::buffer::Buffer) {
+        if let Ok(v) = values.into_vec::<u8>() {
+            self.data = v;
         }
     }
 }
@@ -118,20 +161,28 @@ pub fn schema() -> SchemaRef {
 }
 
 /// Encodes a batch of records as one Parquet file. CPU-bound: call from a blocking task.
-pub fn encode_parquet<'a>(
+fn encode_parquet<'a>(
     records: impl ExactSizeIterator<Item = &'a Record> + Clone,
     subscription: &str,
     level: i32,
+    scratch: &mut EncodeScratch,
 ) -> Result<Bytes, GcsError> {
     let n = records.len();
     let data_bytes: usize = records.clone().map(|r| r.data.len()).sum();
+    if i32::try_from(data_bytes).is_err() {
+        return Err(GcsError::Format(format!(
+            "an archive batch holds at most 2 GiB of payload, this one {data_bytes} bytes"
+        )));
+    }
     let mut ids = StringBuilder::with_capacity(n, n * 20);
     let mut times = Vec::with_capacity(n);
     let mut attrs = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
     let mut keys = StringBuilder::with_capacity(n, 0);
     let mut subs = StringBuilder::with_capacity(n, n * subscription.len());
     let mut attempts = Int32Builder::with_capacity(n);
-    let mut data = BinaryBuilder::with_capacity(n, data_bytes);
+    let mut data = scratch.take(data_bytes);
+    let mut offsets = Vec::with_capacity(n + 1);
+    offsets.push(0i32);
     for r in records {
         ids.append_value(&r.message_id);
         times.push(r.publish_time_micros);
@@ -145,8 +196,16 @@ pub fn encode_parquet<'a>(
         keys.append_value(&r.ordering_key);
         subs.append_value(subscription);
         attempts.append_option(r.delivery_attempt);
-        data.append_value(&r.data);
+        data.extend_from_slice(&r.data);
+        // In range: the total was checked above.
+        offsets.push(data.len() as i32);
     }
+    let values = arrow::buffer::Buffer::from_vec(data);
+    let data = BinaryArray::new(
+        arrow::buffer::OffsetBuffer::new(offsets.into()),
+        values.clone(),
+        None,
+    );
     let schema = schema();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(ids.finish()),
@@ -155,7 +214,7 @@ pub fn encode_parquet<'a>(
         Arc::new(keys.finish()),
         Arc::new(subs.finish()),
         Arc::new(attempts.finish()),
-        Arc::new(data.finish()),
+        Arc::new(data),
     ];
     // The map builder names its fields itself; take its type as the schema's.
     let fields: Vec<Field> = schema
@@ -167,7 +226,10 @@ pub fn encode_parquet<'a>(
     let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(Arc::clone(&schema), columns)
         .map_err(|e| GcsError::Format(e.to_string()))?;
-    archive_parquet_file(&batch, data_bytes / 2 + 4096, level)
+    let file = archive_parquet_file(&batch, data_bytes / 2 + 4096, level);
+    drop(batch);
+    scratch.put_back(values);
+    file
 }
 
 /// The default zstd level of archive objects, chosen by measurement on the sample mix
@@ -192,7 +254,11 @@ fn archive_parquet_file(
     let props = WriterProperties::builder()
         .set_statistics_enabled(EnabledStatistics::None)
         .set_column_statistics_enabled("message_id".into(), EnabledStatistics::Chunk)
-        .set_column_statistics_enabled("publish_time".into(), EnabledStatistics::Chunk);
+        .set_column_statistics_enabled("publish_time".into(), EnabledStatistics::Chunk)
+        // Unique per row: a dictionary only costs hashing (and, for payloads, a first page
+        // encoded twice before the writer falls back to plain).
+        .set_column_dictionary_enabled("message_id".into(), false)
+        .set_column_dictionary_enabled("data".into(), false);
     write_parquet(batch, capacity, level, props)
 }
 
@@ -456,6 +522,42 @@ mod tests {
                 assert_eq!(b.subscription, "sub-a");
             }
         }
+    }
+
+    #[test]
+    fn batches_encoded_in_one_scratch_reuse_its_memory_and_stay_exact() {
+        let mut scratch = EncodeScratch::default();
+        let first: Vec<Record> = (0..5).map(record).collect();
+        let file = ArchiveFormat::Parquet
+            .encode_reusing(first.iter(), "s", 3, &mut scratch)
+            .unwrap();
+        assert!(
+            scratch.data.capacity() >= 16,
+            "the payload buffer came back to the scratch"
+        );
+        let kept = scratch.data.as_ptr();
+        // A second, different batch in the same memory: each file holds its own records only.
+        let second: Vec<Record> = (5..8).map(record).collect();
+        let file2 = ArchiveFormat::Parquet
+            .encode_reusing(second.iter(), "s", 3, &mut scratch)
+            .unwrap();
+        assert_eq!(scratch.data.as_ptr(), kept, "the same buffer was used again");
+        let back: Vec<Record> = decode(file).unwrap().into_iter().map(|m| m.record).collect();
+        assert_eq!(back, first);
+        let back: Vec<Record> = decode(file2).unwrap().into_iter().map(|m| m.record).collect();
+        assert_eq!(back, second);
+    }
+
+    #[test]
+    fn a_scratch_does_not_keep_far_more_memory_than_a_batch_needs() {
+        let mut scratch = EncodeScratch {
+            data: Vec::with_capacity(64 << 20),
+        };
+        let records: Vec<Record> = (0..3).map(record).collect();
+        ArchiveFormat::Parquet
+            .encode_reusing(records.iter(), "s", 3, &mut scratch)
+            .unwrap();
+        assert!(scratch.data.capacity() < 64 << 20);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use logflow::samples::SampleGen;
 use logflow_bigquery::storage_write::ProtoRowSchema;
 use logflow_core::Record;
-use logflow_gcs::archive::ArchiveFormat;
+use logflow_gcs::archive::{ArchiveFormat, EncodeScratch};
 use logflow_schema::{Registry, RowEncoder, RowMeta};
 
 const TYPES: [&str; 3] = [
@@ -62,10 +62,12 @@ fn bench(c: &mut Criterion) {
             "archive {name}: {bytes} payload bytes in a {size}-byte object ({:.2}x smaller)",
             bytes as f64 / size as f64
         );
+        // As the archive stage does: one scratch, reused batch after batch.
+        let mut scratch = EncodeScratch::default();
         g.bench_function(name, |b| {
             b.iter(|| {
                 format
-                    .encode(recs.iter().map(|(r, _)| &**r), sub, level)
+                    .encode_reusing(recs.iter().map(|(r, _)| &**r), sub, level, &mut scratch)
                     .expect("encodes")
                     .len()
             })

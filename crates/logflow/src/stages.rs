@@ -21,7 +21,7 @@ use logflow_bigquery::BigQuery;
 use logflow_bigquery::storage_write::ProtoRowSchema;
 use logflow_core::batch::next_batch;
 use logflow_core::{BatchLimits, Classify, Envelope, ErrorClass, Record, Stats};
-use logflow_gcs::archive::{self, ArchiveFormat};
+use logflow_gcs::archive::{self, ArchiveFormat, EncodeScratch};
 use logflow_gcs::deadletter::Failure;
 use logflow_gcs::{Gcs, ObjectNamer, deadletter};
 use std::collections::HashMap;
@@ -230,6 +230,7 @@ pub async fn archive_stage(
     zstd_level: i32,
     mut rx: mpsc::Receiver<Envelope>,
 ) -> anyhow::Result<()> {
+    let mut scratch = EncodeScratch::default();
     while let Some(batch) = next_batch(&mut rx, &out.limits, |e: &Envelope| e.record.size()).await {
         for group in split_by_hour(batch, |e| e.record.publish_time_micros) {
             let n = group.len();
@@ -241,10 +242,18 @@ pub async fn archive_stage(
             let name = out.namer.next(first, format.extension());
             let records: Vec<Arc<Record>> = group.iter().map(|e| Arc::clone(&e.record)).collect();
             let sub = Arc::clone(&ctx.subscription);
-            let file = tokio::task::spawn_blocking(move || {
-                format.encode(records.iter().map(|r| &**r), &sub, zstd_level)
+            let (file, s) = tokio::task::spawn_blocking(move || {
+                let file = format.encode_reusing(
+                    records.iter().map(|r| &**r),
+                    &sub,
+                    zstd_level,
+                    &mut scratch,
+                );
+                (file, scratch)
             })
-            .await??;
+            .await?;
+            scratch = s;
+            let file = file?;
             let started = std::time::Instant::now();
             let written = out
                 .gcs
