@@ -167,13 +167,17 @@ def main():
         when = e.get("date") or (
             datetime.datetime.fromtimestamp(e["unix_time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             if e.get("unix_time") else "unknown date")
+        mix = e.get("mix", "sample")
         lines += [
-            f"Measured at commit {e.get('commit') or 'unknown'}, {when}.",
+            f"Measured at commit {e.get('commit') or 'unknown'}, {when}, on "
+            + ("≈ 1 KiB messages, the size #9's goals are stated for: HTTP access logs with every "
+               "request header and a browser's whole cookie, one table."
+               if mix == "kib" else
+               "the sample mix: three types, routed by attribute to a table each."),
             "",
             "`integration-tests/benches/e2e.rs`: a backlog published to the Pub/Sub emulator, drained",
             "by the release `logflow run` binary (default batching and flow control, "
-            f"{e['streams']} streams, one",
-            "pipeline routing the three types to a table each by attribute), then every message",
+            f"{e['streams']} streams), then every message",
             "accounted for: all in the raw archive, each valid one in BigQuery, each malformed one",
             "in the dead letters. CPU time is the worker's own (`getrusage` at exit); the emulators",
             "share the two cores and set the wall time.",
@@ -184,7 +188,8 @@ def main():
             f"| payload | {e['payload_bytes'] / 1e6:.0f} MB, {e['mean_payload_bytes']:.0f} B per message on average |",
             f"| worker CPU (user + system) | {e['worker_cpu_user_seconds']:.1f} s + {e['worker_cpu_system_seconds']:.1f} s |",
             f"| **worker CPU per message** | **{e['worker_cpu_us_per_message']:.1f} µs** per published message; "
-            f"{(e['worker_cpu_user_seconds'] + e['worker_cpu_system_seconds']) * 1e6 / max(e['received'], 1):.1f} µs per delivery received ({e['received']:,}, redeliveries included) |",
+            f"{(e['worker_cpu_user_seconds'] + e['worker_cpu_system_seconds']) * 1e6 / max(e['received'], 1):.1f} µs per delivery received ({e['received']:,}, redeliveries included); "
+            f"**{e['worker_cpu_us_per_message'] * 1024 / e['mean_payload_bytes']:.1f} µs per KiB** of payload |",
             f"| **payload per worker CPU-second** | **{e['payload_mb_per_cpu_second']:.1f} MB/s** |",
             f"| **worker peak RSS** | **{e['worker_peak_rss_mib']:.0f} MiB** |",
             f"| worker heap allocations per message | {allocs_e2e:.1f} |" if allocs_e2e is not None
@@ -202,6 +207,11 @@ def main():
                 f"| mean rows per BigQuery request / messages per archive object | "
                 f"{mb.get('logflow_bigquery_batch_rows', 0):.0f} / {mb.get('logflow_archive_batch_messages', 0):,.0f} |",
             ]
+            if "logflow_source_burst_messages" in mb:
+                lines += [
+                    f"| mean messages the source hands the stages at once (what the streams had ready) | "
+                    f"{mb['logflow_source_burst_messages']:.1f} |",
+                ]
         fl = e.get("floor")
         if fl:
             worker_us = e['worker_cpu_us_per_message']
@@ -214,14 +224,15 @@ def main():
             ]
         lines += [""]
     try:
-        with open(os.path.join(OUT, "e2e-kib.json")) as f:
+        with open(os.path.join(OUT, "e2e-sample.json")) as f:
             k = json.load(f)
         kwhen = datetime.datetime.fromtimestamp(k["unix_time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        kfl = k.get("floor")
+        kmb = k.get("mean_batch") or {}
         lines += [
-            f"**On ≈ 1 KiB messages** (`BENCH_MIX=kib`, `make bench BENCH_KIB=1`; commit {k.get('commit')}, {kwhen}): "
-            "HTTP access logs with every request header and a browser's whole cookie, the size #9's goal "
-            "is stated for, one table; otherwise the same settings.",
+            f"**On the sample mix** (`BENCH_MIX=sample`, {k['messages']:,} messages; commit {k.get('commit')}, {kwhen}): "
+            "the three types `logflow publish` sends (HTTP access logs, payment and auth events), "
+            "routed by attribute to a table each; otherwise the same settings. Smaller messages, so "
+            "the per-message costs weigh more per byte.",
             "",
             "| measure | value |",
             "|---|---|",
@@ -234,12 +245,9 @@ def main():
             if k.get("worker_allocations_per_message") is not None else "| worker heap allocations per message | not counted |",
             f"| wall time to drain | {k['drain_wall_seconds']:.0f} s |",
             f"| redeliveries / archive duplicates / BigQuery duplicate rows | {k['redelivered_extra']:,} / {k['archive_duplicates']:,} / {k['bigquery_duplicate_rows']:,} |",
+            f"| mean rows per BigQuery request | {kmb.get('logflow_bigquery_batch_rows', 0):.0f} |",
+            "",
         ]
-        if kfl:
-            lines += [
-                f"| Pub/Sub client floor on the same messages ({kfl['messages']:,}) | {kfl['cpu_us_per_message']:.1f} µs per message |",
-            ]
-        lines += [""]
     except (OSError, ValueError, KeyError):
         pass
     try:

@@ -78,6 +78,90 @@ pub async fn next_batch<T>(
     Some(batch)
 }
 
+/// Batches over a channel of bursts (`Vec<T>`: what a sender had ready at once, handed over
+/// in one send). The limits are the same as [`next_batch`]'s and are kept exactly: a burst
+/// that does not fit is split, and its rest starts the next batch.
+#[derive(Debug)]
+pub struct BurstBatcher<T> {
+    rx: mpsc::Receiver<Vec<T>>,
+    /// The rest of a burst that did not fit in the previous batch.
+    carry: Vec<T>,
+}
+
+impl<T> BurstBatcher<T> {
+    /// Batches what `rx` receives.
+    pub fn new(rx: mpsc::Receiver<Vec<T>>) -> Self {
+        BurstBatcher {
+            rx,
+            carry: Vec::new(),
+        }
+    }
+
+    /// Receives the next batch. Returns `None` once the channel is closed and drained.
+    pub async fn next_batch(
+        &mut self,
+        limits: &BatchLimits,
+        size_of: impl Fn(&T) -> usize,
+    ) -> Option<Vec<T>> {
+        let mut burst = if self.carry.is_empty() {
+            loop {
+                let b = self.rx.recv().await?;
+                if !b.is_empty() {
+                    break b;
+                }
+            }
+        } else {
+            std::mem::take(&mut self.carry)
+        };
+        let deadline = tokio::time::sleep_until(Instant::now() + limits.max_age);
+        tokio::pin!(deadline);
+        let mut bytes = 0;
+        let mut batch: Vec<T> = Vec::new();
+        loop {
+            // Take the burst whole while it fits (no copy when it is the first), else up to
+            // the limit, keeping the rest for the next batch.
+            let mut fits = 0;
+            let mut burst_bytes = 0;
+            for item in &burst {
+                if batch.len() + fits >= limits.max_items || bytes + burst_bytes >= limits.max_bytes
+                {
+                    break;
+                }
+                burst_bytes += size_of(item);
+                fits += 1;
+            }
+            bytes += burst_bytes;
+            if fits < burst.len() {
+                self.carry = burst.split_off(fits);
+            }
+            if batch.is_empty() {
+                batch = burst;
+            } else {
+                batch.append(&mut burst);
+            }
+            if !self.carry.is_empty()
+                || batch.len() >= limits.max_items
+                || bytes >= limits.max_bytes
+            {
+                break;
+            }
+            burst = match self.rx.try_recv() {
+                Ok(b) => b,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                    biased;
+                    b = self.rx.recv() => match b {
+                        Some(b) => b,
+                        None => break,
+                    },
+                    () = &mut deadline => break,
+                },
+            };
+        }
+        Some(batch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +220,59 @@ mod tests {
         let l = limits(100, 1000, 60_000);
         assert_eq!(next_batch(&mut rx, &l, |_| 1).await, Some(vec![1, 2]));
         assert_eq!(next_batch(&mut rx, &l, |_| 1).await, None);
+    }
+
+    /// A batcher with `bursts` queued, and their sender (still open).
+    async fn send_bursts(bursts: &[&[u32]]) -> (mpsc::Sender<Vec<u32>>, BurstBatcher<u32>) {
+        let (tx, rx) = mpsc::channel(16);
+        for b in bursts {
+            tx.send(b.to_vec()).await.unwrap();
+        }
+        (tx, BurstBatcher::new(rx))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_are_split_at_the_item_limit_and_their_rest_starts_the_next_batch() {
+        let (_tx, mut b) =
+            send_bursts(&[&[1, 2], &[3, 4, 5], &[6], &[7, 8, 9, 10, 11, 12, 13]]).await;
+        let l = limits(4, 1000, 60_000);
+        assert_eq!(b.next_batch(&l, |_| 1).await.unwrap(), vec![1, 2, 3, 4]);
+        assert_eq!(b.next_batch(&l, |_| 1).await.unwrap(), vec![5, 6, 7, 8]);
+        assert_eq!(b.next_batch(&l, |_| 1).await.unwrap(), vec![9, 10, 11, 12]);
+        // What is left of the last burst is flushed by age: nothing more arrives.
+        let start = Instant::now();
+        assert_eq!(b.next_batch(&l, |_| 1).await.unwrap(), vec![13]);
+        assert_eq!(start.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_are_split_at_the_byte_limit_and_an_oversized_item_goes_alone() {
+        // Sizes are the items' values.
+        let (tx, mut b) = send_bursts(&[&[3, 3, 3, 50, 2], &[1]]).await;
+        drop(tx);
+        let l = limits(100, 8, 60_000);
+        // 3 + 3 = 6 < 8, so the third joins and crosses the limit.
+        assert_eq!(
+            b.next_batch(&l, |x| *x as usize).await.unwrap(),
+            vec![3, 3, 3]
+        );
+        assert_eq!(b.next_batch(&l, |x| *x as usize).await.unwrap(), vec![50]);
+        assert_eq!(b.next_batch(&l, |x| *x as usize).await.unwrap(), vec![2, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_bursts_are_skipped_and_a_closed_channel_ends_after_its_last_burst() {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(vec![]).await.unwrap();
+        tx.send(vec![1, 2, 3]).await.unwrap();
+        tx.send(vec![]).await.unwrap();
+        tx.send(vec![4]).await.unwrap();
+        drop(tx);
+        let mut b = BurstBatcher::new(rx);
+        let l = limits(3, 1000, 60_000);
+        assert_eq!(b.next_batch(&l, |_| 1).await, Some(vec![1, 2, 3]));
+        assert_eq!(b.next_batch(&l, |_| 1).await, Some(vec![4]));
+        assert_eq!(b.next_batch(&l, |_| 1).await, None);
     }
 
     #[test]

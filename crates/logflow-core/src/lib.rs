@@ -23,6 +23,6 @@ pub use ack::{AckHandle, AckPart};
 pub use auth::{NoAuth, TokenProvider};
 pub use batch::BatchLimits;
 pub use error::{Classify, ErrorClass};
-pub use record::{Envelope, Record};
+pub use record::{Burst, Envelope, Record};
 pub use retry::RetryPolicy;
 pub use stats::Stats;

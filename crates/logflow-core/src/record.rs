@@ -48,6 +48,10 @@ pub struct Envelope {
     pub ack: AckPart,
 }
 
+/// What a source hands each stage in one send: the messages it had ready at once, in order
+/// (batched by [`crate::batch::BurstBatcher`]).
+pub type Burst = Vec<Envelope>;
+
 #[cfg(test)]
 mod tests {
     use super::*;

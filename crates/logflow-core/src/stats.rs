@@ -55,6 +55,8 @@ pub struct Stats {
     pub archive_batch: SizeHistogram,
     /// Rows per BigQuery batch (insertAll or AppendRows call).
     pub insert_batch: SizeHistogram,
+    /// Messages the source handed to the stages at once (what its streams had ready).
+    pub source_burst: SizeHistogram,
     /// Dead letters written, by error class (a small, bounded set of static names).
     dead_letter_classes: std::sync::Mutex<Vec<(&'static str, u64)>>,
     /// Retries, by sink and reason (small, bounded sets of static names).

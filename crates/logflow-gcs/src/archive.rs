@@ -541,10 +541,22 @@ mod tests {
         let file2 = ArchiveFormat::Parquet
             .encode_reusing(second.iter(), "s", 3, &mut scratch)
             .unwrap();
-        assert_eq!(scratch.data.as_ptr(), kept, "the same buffer was used again");
-        let back: Vec<Record> = decode(file).unwrap().into_iter().map(|m| m.record).collect();
+        assert_eq!(
+            scratch.data.as_ptr(),
+            kept,
+            "the same buffer was used again"
+        );
+        let back: Vec<Record> = decode(file)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.record)
+            .collect();
         assert_eq!(back, first);
-        let back: Vec<Record> = decode(file2).unwrap().into_iter().map(|m| m.record).collect();
+        let back: Vec<Record> = decode(file2)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.record)
+            .collect();
         assert_eq!(back, second);
     }
 

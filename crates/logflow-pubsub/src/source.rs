@@ -3,11 +3,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_pubsub::client::Subscriber;
 use google_cloud_pubsub::subscriber::handler::Handler;
 use google_cloud_pubsub::subscriber::{ShutdownBehavior, ShutdownToken};
-use logflow_core::{AckHandle, AckPart, Envelope, Record, RetryPolicy, Stats};
+use logflow_core::{AckHandle, AckPart, Burst, Envelope, Record, RetryPolicy, Stats};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -21,6 +22,11 @@ const REOPEN_BACKOFF: RetryPolicy = RetryPolicy {
     initial_backoff: Duration::from_millis(100),
     max_backoff: Duration::from_secs(30),
 };
+
+/// Messages handed to the stages in one send at most. Everything the client has ready (the
+/// rest of a StreamingPull response) goes over together: one channel operation and one
+/// wake-up of each stage per burst instead of per message.
+const MAX_BURST: usize = 256;
 
 /// The flow-control budget the streams of one subscription share.
 struct Budget {
@@ -178,12 +184,13 @@ impl PubsubSource {
     }
 
     /// Pulls until `shutdown` is cancelled, on `options.streams` StreamingPull streams that share
-    /// one flow-control budget, sending every message to each of `outputs` with its own ack part.
+    /// one flow-control budget, sending every message to each of `outputs` with its own ack part,
+    /// in bursts of what the streams had ready.
     /// On shutdown, drops the outputs (so the stages drain and flush), then waits for the
     /// outstanding messages to be acked or nacked and for the acks to reach Pub/Sub.
     pub async fn run(
         self,
-        outputs: Vec<mpsc::Sender<Envelope>>,
+        outputs: Vec<mpsc::Sender<Burst>>,
         stats: Arc<Stats>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
@@ -233,10 +240,32 @@ impl PubsubSource {
     async fn stream_loop(
         &self,
         index: usize,
-        outputs: Vec<mpsc::Sender<Envelope>>,
+        outputs: Vec<mpsc::Sender<Burst>>,
         budget: &Budget,
         stats: Arc<Stats>,
         stop: CancellationToken,
+    ) -> (Result<(), SourceError>, Vec<ShutdownToken>) {
+        let mut bursts = Bursts::new(outputs, Arc::clone(&stats));
+        let result = self.pull(index, &mut bursts, budget, &stats, &stop).await;
+        // What was gathered when the loop stopped still goes out (on shutdown the stages
+        // drain it); if a stage is gone, dropping it nacks it.
+        let result = match (result, bursts.flush().await) {
+            ((Ok(()), t), Err(e)) => (Err(e), t),
+            (r, _) => r,
+        };
+        if result.0.is_err() {
+            stop.cancel();
+        }
+        result
+    }
+
+    async fn pull(
+        &self,
+        index: usize,
+        bursts: &mut Bursts,
+        budget: &Budget,
+        stats: &Arc<Stats>,
+        stop: &CancellationToken,
     ) -> (Result<(), SourceError>, Vec<ShutdownToken>) {
         let o = &self.options;
         let mut failures = 0u32;
@@ -265,21 +294,45 @@ impl PubsubSource {
             tokens.push(stream.shutdown_token());
             info!(subscription = %o.subscription, stream = index, "streaming pull opened");
             loop {
-                let message_permit = tokio::select! {
-                    _ = stop.cancelled() => break 'streams Ok(()),
-                    p = Arc::clone(&budget.messages).acquire_owned() => p.expect("semaphore never closed"),
-                };
-                let next = tokio::select! {
-                    _ = stop.cancelled() => break 'streams Ok(()),
-                    n = tokio::time::timeout(idle, stream.next()) => match n {
-                        Ok(n) => n,
-                        Err(_) => {
-                            stats.add(&stats.stream_reopens, 1);
-                            info!(subscription = %o.subscription, stream = index, idle = ?idle, "no message for a while, re-opening the stream");
-                            idle = (idle * 2).min(max_idle);
-                            continue 'streams;
+                // Waiting (on the budget or on Pub/Sub) first hands over what was gathered.
+                let message_permit = match Arc::clone(&budget.messages).try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        if let Err(e) = bursts.flush().await {
+                            break 'streams Err(e);
                         }
-                    },
+                        tokio::select! {
+                            _ = stop.cancelled() => break 'streams Ok(()),
+                            p = Arc::clone(&budget.messages).acquire_owned() => p.expect("semaphore never closed"),
+                        }
+                    }
+                };
+                // `MessageStream::next` is cancel-safe: a poll that finds nothing ready takes
+                // nothing out of the stream.
+                let ready = if bursts.is_empty() || bursts.is_full() || stop.is_cancelled() {
+                    None
+                } else {
+                    stream.next().now_or_never()
+                };
+                let next = match ready {
+                    Some(n) => n,
+                    None => {
+                        if let Err(e) = bursts.flush().await {
+                            break 'streams Err(e);
+                        }
+                        tokio::select! {
+                            _ = stop.cancelled() => break 'streams Ok(()),
+                            n = tokio::time::timeout(idle, stream.next()) => match n {
+                                Ok(n) => n,
+                                Err(_) => {
+                                    stats.add(&stats.stream_reopens, 1);
+                                    info!(subscription = %o.subscription, stream = index, idle = ?idle, "no message for a while, re-opening the stream");
+                                    idle = (idle * 2).min(max_idle);
+                                    continue 'streams;
+                                }
+                            },
+                        }
+                    }
                 };
                 let (msg, handler) = match next {
                     Some(Ok(pair)) => pair,
@@ -300,6 +353,10 @@ impl PubsubSource {
                         stats.add(&stats.stream_reopens, 1);
                         stats.add(&stats.stream_failures_in_a_row, 1);
                         let wait = REOPEN_BACKOFF.jittered_backoff(failures);
+                        // Not holding what was gathered through the backoff.
+                        if let Err(e) = bursts.flush().await {
+                            break 'streams Err(e);
+                        }
                         warn!(subscription = %o.subscription, stream = index, error = %e, retry_in = ?wait, "streaming pull failed, re-opening");
                         tokio::select! {
                             _ = stop.cancelled() => break 'streams Ok(()),
@@ -327,9 +384,17 @@ impl PubsubSource {
                         .sum::<usize>();
                 // A message larger than the byte budget takes all of it, and waits for it.
                 let need = size.clamp(1, budget.max_bytes) as u32;
-                let bytes_permit = tokio::select! {
-                    _ = stop.cancelled() => break 'streams Ok(()),
-                    p = Arc::clone(&budget.bytes).acquire_many_owned(need) => p.expect("semaphore never closed"),
+                let bytes_permit = match Arc::clone(&budget.bytes).try_acquire_many_owned(need) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        if let Err(e) = bursts.flush().await {
+                            break 'streams Err(e);
+                        }
+                        tokio::select! {
+                            _ = stop.cancelled() => break 'streams Ok(()),
+                            p = Arc::clone(&budget.bytes).acquire_many_owned(need) => p.expect("semaphore never closed"),
+                        }
+                    }
                 };
                 let record = Arc::new(to_record(msg, handler.delivery_attempt()));
                 stats.add(&stats.received, 1);
@@ -339,7 +404,7 @@ impl PubsubSource {
                 stats.hold(size as u64);
                 let ack = PubsubAck {
                     handler,
-                    stats: Arc::clone(&stats),
+                    stats: Arc::clone(stats),
                     bytes: size as u64,
                     publish_time_micros: record.publish_time_micros,
                     received: Instant::now(),
@@ -347,23 +412,65 @@ impl PubsubSource {
                     _message: message_permit,
                     _bytes: bytes_permit,
                 };
-                // One ack part per output: acked when every output made it durable.
-                let parts = AckPart::split_n(ack, outputs.len());
-                for (out, part) in outputs.iter().zip(parts) {
-                    let env = Envelope {
-                        record: Arc::clone(&record),
-                        ack: part,
-                    };
-                    if out.send(env).await.is_err() {
-                        break 'streams Err(SourceError::PipelineClosed);
-                    }
-                }
+                bursts.push(record, ack);
             }
         };
-        if result.is_err() {
-            stop.cancel();
-        }
         (result, tokens)
+    }
+}
+
+/// One burst per output, gathered while the streams have messages ready.
+struct Bursts {
+    outputs: Vec<mpsc::Sender<Burst>>,
+    pending: Vec<Burst>,
+    stats: Arc<Stats>,
+}
+
+impl Bursts {
+    fn new(outputs: Vec<mpsc::Sender<Burst>>, stats: Arc<Stats>) -> Self {
+        let pending = outputs.iter().map(|_| Vec::new()).collect();
+        Bursts {
+            outputs,
+            pending,
+            stats,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.first().is_none_or(Vec::is_empty)
+    }
+
+    fn is_full(&self) -> bool {
+        self.pending.first().is_some_and(|b| b.len() >= MAX_BURST)
+    }
+
+    /// Adds a message for every output, each with its own ack part: the message is acked when
+    /// every output made it durable.
+    fn push(&mut self, record: Arc<Record>, ack: PubsubAck) {
+        let parts = AckPart::split_n(ack, self.outputs.len());
+        for (burst, part) in self.pending.iter_mut().zip(parts) {
+            burst.push(Envelope {
+                record: Arc::clone(&record),
+                ack: part,
+            });
+        }
+    }
+
+    /// Sends what was gathered.
+    async fn flush(&mut self) -> Result<(), SourceError> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        self.stats
+            .source_burst
+            .observe_count(self.pending[0].len() as u64);
+        for (out, burst) in self.outputs.iter().zip(&mut self.pending) {
+            let burst = std::mem::replace(burst, Vec::with_capacity(16));
+            if out.send(burst).await.is_err() {
+                return Err(SourceError::PipelineClosed);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -321,7 +321,7 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
         }
     }
     type Hist = fn(&Stats) -> &logflow_core::stats::Histogram;
-    let histograms: [(&str, &str, Hist); 6] = [
+    let histograms: [(&str, &str, Hist); 7] = [
         (
             "logflow_source_ack_lag_seconds",
             "Publish to ack time of acked messages.",
@@ -351,6 +351,11 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
             "logflow_bigquery_batch_rows",
             "Rows per BigQuery insertAll or AppendRows batch.",
             |s| &s.insert_batch,
+        ),
+        (
+            "logflow_source_burst_messages",
+            "Messages the source handed to the stages at once (what its streams had ready).",
+            |s| &s.source_burst,
         ),
     ];
     for (name, help, get) in histograms {

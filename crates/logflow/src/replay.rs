@@ -437,28 +437,31 @@ pub async fn replay(
             failures: Arc::clone(&failures),
         });
         progress.messages(selected.len() as u64);
-        for record in selected {
-            let handle = ReplayAck(Arc::clone(&object_progress));
-            let record = Arc::new(record);
-            sent.fetch_add(1, Ordering::Relaxed);
-            let stopped = match &parsed_tx {
-                None => {
+        let mut selected = selected.into_iter().peekable();
+        while selected.peek().is_some() {
+            let mut rows = Vec::with_capacity(worker::REPLAY_BURST);
+            let mut parsed = Vec::new();
+            for record in selected.by_ref().take(worker::REPLAY_BURST) {
+                let handle = ReplayAck(Arc::clone(&object_progress));
+                let record = Arc::new(record);
+                if parsed_tx.is_some() {
+                    let [row, file] = AckPart::split::<2, _>(handle);
+                    rows.push(Envelope {
+                        record: Arc::clone(&record),
+                        ack: row,
+                    });
+                    parsed.push(Envelope { record, ack: file });
+                } else {
                     let [ack] = AckPart::split::<1, _>(handle);
-                    decode_tx.send(Envelope { record, ack }).await.is_err()
+                    rows.push(Envelope { record, ack });
                 }
-                Some(parsed_tx) => {
-                    let [rows, parsed] = AckPart::split::<2, _>(handle);
-                    let (r2, ack) = (Arc::clone(&record), rows);
-                    decode_tx.send(Envelope { record: r2, ack }).await.is_err()
-                        || parsed_tx
-                            .send(Envelope {
-                                record,
-                                ack: parsed,
-                            })
-                            .await
-                            .is_err()
-                }
-            };
+            }
+            sent.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            let stopped = decode_tx.send(rows).await.is_err()
+                || match &parsed_tx {
+                    Some(tx) => tx.send(parsed).await.is_err(),
+                    None => false,
+                };
             if stopped {
                 bail!("the pipeline's stages stopped; see the errors above");
             }

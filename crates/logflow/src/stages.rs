@@ -19,8 +19,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use logflow_bigquery::BigQuery;
 use logflow_bigquery::storage_write::ProtoRowSchema;
-use logflow_core::batch::next_batch;
-use logflow_core::{BatchLimits, Classify, Envelope, ErrorClass, Record, Stats};
+use logflow_core::batch::{BurstBatcher, next_batch};
+use logflow_core::{BatchLimits, Burst, Classify, Envelope, ErrorClass, Record, Stats};
 use logflow_gcs::archive::{self, ArchiveFormat, EncodeScratch};
 use logflow_gcs::deadletter::Failure;
 use logflow_gcs::{Gcs, ObjectNamer, deadletter};
@@ -228,10 +228,14 @@ pub async fn archive_stage(
     out: GcsOutput,
     format: ArchiveFormat,
     zstd_level: i32,
-    mut rx: mpsc::Receiver<Envelope>,
+    rx: mpsc::Receiver<Burst>,
 ) -> anyhow::Result<()> {
     let mut scratch = EncodeScratch::default();
-    while let Some(batch) = next_batch(&mut rx, &out.limits, |e: &Envelope| e.record.size()).await {
+    let mut rx = BurstBatcher::new(rx);
+    while let Some(batch) = rx
+        .next_batch(&out.limits, |e: &Envelope| e.record.size())
+        .await
+    {
         for group in split_by_hour(batch, |e| e.record.publish_time_micros) {
             let n = group.len();
             let first = group
@@ -278,13 +282,14 @@ pub async fn archive_stage(
 pub async fn decode_stage(
     ctx: Arc<StageContext>,
     limits: BatchLimits,
-    mut rx: mpsc::Receiver<Envelope>,
+    rx: mpsc::Receiver<Burst>,
     insert_tx: mpsc::Sender<RowBatch>,
     dead_tx: mpsc::Sender<DeadItem>,
 ) -> anyhow::Result<()> {
     // Rows are about twice the payload size in JSON; insert_all splits on the real size.
     let estimate = |e: &Envelope| e.record.data.len() * 2 + 256;
-    while let Some(batch) = next_batch(&mut rx, &limits, estimate).await {
+    let mut rx = BurstBatcher::new(rx);
+    while let Some(batch) = rx.next_batch(&limits, estimate).await {
         let c = Arc::clone(&ctx);
         let (row_batches, dead) =
             tokio::task::spawn_blocking(move || encode_rows(&c, batch)).await?;
@@ -626,13 +631,17 @@ pub async fn parsed_stage(
     gcs: Gcs,
     cfg: crate::config::ParsedConfig,
     worker: String,
-    mut rx: mpsc::Receiver<Envelope>,
+    rx: mpsc::Receiver<Burst>,
 ) -> anyhow::Result<()> {
     // One namer per type for the whole run (its sequence keeps names unique); one encoder per
     // type and schema version.
     let mut namers: HashMap<String, ObjectNamer> = HashMap::new();
     let mut encoders: HashMap<(String, Arc<str>), Arc<ArrowEncoder>> = HashMap::new();
-    while let Some(batch) = next_batch(&mut rx, &cfg.batch, |e: &Envelope| e.record.size()).await {
+    let mut rx = BurstBatcher::new(rx);
+    while let Some(batch) = rx
+        .next_batch(&cfg.batch, |e: &Envelope| e.record.size())
+        .await
+    {
         let router = ctx.router.current();
         for hour in split_by_hour(batch, |e| e.record.publish_time_micros) {
             // Group by message type; messages with no type complete at once.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use logflow_bigquery::{BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES};
-use logflow_core::{BatchLimits, Envelope, NoAuth, Stats, TokenProvider};
+use logflow_core::{BatchLimits, Burst, NoAuth, Stats, TokenProvider};
 use logflow_gcs::{Gcs, GcsOptions, ObjectNamer};
 use logflow_pubsub::{PubsubSource, SourceOptions, SubscriptionCheck};
 use logflow_schema::{Registry, SchemaSource, table_schema};
@@ -23,8 +23,10 @@ use crate::endpoints::Endpoints;
 use crate::routing::TypeRouter;
 use crate::stages::{self, GcsOutput, StageContext};
 
-/// Envelopes buffered between a GCS-reading source (`replay`) and the decode stage.
-pub const REPLAY_CHANNEL: usize = 1024;
+/// Bursts buffered between a GCS-reading source (`replay`) and the decode stage.
+pub const REPLAY_CHANNEL: usize = 4;
+/// Envelopes per burst from `replay`: with [`REPLAY_CHANNEL`], at most 1,024 envelopes wait.
+pub const REPLAY_BURST: usize = 256;
 /// Row batches waiting for an insert slot.
 const INSERT_CHANNEL: usize = 4;
 /// Failed messages waiting for the dead-letter writer.
@@ -527,7 +529,7 @@ pub fn spawn_row_stages(
     worker: &str,
     input_capacity: usize,
     set: &mut JoinSet<anyhow::Result<()>>,
-) -> mpsc::Sender<Envelope> {
+) -> mpsc::Sender<Burst> {
     let (decode_tx, decode_rx) = mpsc::channel(input_capacity.max(1));
     let (insert_tx, insert_rx) = mpsc::channel(INSERT_CHANNEL);
     let (dead_tx, dead_rx) = mpsc::channel(DEAD_CHANNEL);
