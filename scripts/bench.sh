@@ -41,7 +41,7 @@ BENCH_MIX=kib cargo bench --locked -p logflow-integration-tests --features emula
 sample="${BENCH_SAMPLE_MESSAGES:-100000}"
 if [ "$sample" != 0 ]; then
   echo "== end to end, the sample mix ($sample)"
-  BENCH_MIX=sample BENCH_MESSAGES="$sample" BENCH_FLOOR_MESSAGES=0 BENCH_OUT=target/bench/e2e-sample.json \
+  BENCH_MIX=sample BENCH_MESSAGES="$sample" BENCH_FLOOR_MESSAGES=0 BENCH_OUT="$ROOT/$OUT/e2e-sample.json" \
     cargo bench --locked -p logflow-integration-tests --features emulator-tests --bench e2e
 fi
 [ "$started_here" = 1 ] && echo "(emulators stopped on exit)"
