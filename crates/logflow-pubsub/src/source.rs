@@ -295,17 +295,10 @@ impl PubsubSource {
             info!(subscription = %o.subscription, stream = index, "streaming pull opened");
             loop {
                 // Waiting (on the budget or on Pub/Sub) first hands over what was gathered.
-                let message_permit = match Arc::clone(&budget.messages).try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        if let Err(e) = bursts.flush().await {
-                            break 'streams Err(e);
-                        }
-                        tokio::select! {
-                            _ = stop.cancelled() => break 'streams Ok(()),
-                            p = Arc::clone(&budget.messages).acquire_owned() => p.expect("semaphore never closed"),
-                        }
-                    }
+                let message_permit = match permit(&budget.messages, 1, bursts, stop).await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break 'streams Ok(()),
+                    Err(e) => break 'streams Err(e),
                 };
                 // `MessageStream::next` is cancel-safe: a poll that finds nothing ready takes
                 // nothing out of the stream.
@@ -384,17 +377,10 @@ impl PubsubSource {
                         .sum::<usize>();
                 // A message larger than the byte budget takes all of it, and waits for it.
                 let need = size.clamp(1, budget.max_bytes) as u32;
-                let bytes_permit = match Arc::clone(&budget.bytes).try_acquire_many_owned(need) {
-                    Ok(p) => p,
-                    Err(_) => {
-                        if let Err(e) = bursts.flush().await {
-                            break 'streams Err(e);
-                        }
-                        tokio::select! {
-                            _ = stop.cancelled() => break 'streams Ok(()),
-                            p = Arc::clone(&budget.bytes).acquire_many_owned(need) => p.expect("semaphore never closed"),
-                        }
-                    }
+                let bytes_permit = match permit(&budget.bytes, need, bursts, stop).await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break 'streams Ok(()),
+                    Err(e) => break 'streams Err(e),
                 };
                 let record = Arc::new(to_record(msg, handler.delivery_attempt()));
                 stats.add(&stats.received, 1);
@@ -417,6 +403,25 @@ impl PubsubSource {
         };
         (result, tokens)
     }
+}
+
+/// `n` permits of `budget`: at once if they are free, else after handing over what was
+/// gathered (the stages free permits as they finish with messages), waiting until they are
+/// free or `stop` (`None`).
+async fn permit(
+    budget: &Arc<Semaphore>,
+    n: u32,
+    bursts: &mut Bursts,
+    stop: &CancellationToken,
+) -> Result<Option<OwnedSemaphorePermit>, SourceError> {
+    if let Ok(p) = Arc::clone(budget).try_acquire_many_owned(n) {
+        return Ok(Some(p));
+    }
+    bursts.flush().await?;
+    Ok(tokio::select! {
+        _ = stop.cancelled() => None,
+        p = Arc::clone(budget).acquire_many_owned(n) => Some(p.expect("semaphore never closed")),
+    })
 }
 
 /// One burst per output, gathered while the streams have messages ready.

@@ -18,14 +18,29 @@ const TYPES: [&str; 3] = [
     "acme.auth.v1.AuthEvent",
 ];
 
-/// `n` records of the sample mix, as the source makes them, with their encoders.
+/// `n` records of the sample mix, as the source makes them, with their encoders' index.
 fn records(n: usize) -> Vec<(Arc<Record>, usize)> {
+    let gens: Vec<SampleGen> = (0..3).map(|i| SampleGen::new(i, 1_795_770_000)).collect();
+    make_records(n, gens, |i| i % 3)
+}
+
+/// `n` HTTP access logs with every request header and a browser's cookie (≈ 1 KiB each, the
+/// end-to-end benchmark's main mix).
+fn kib_records(n: usize) -> Vec<(Arc<Record>, usize)> {
+    let gens = vec![SampleGen::new(0, 1_795_770_000).with_full_requests()];
+    make_records(n, gens, |_| 0)
+}
+
+fn make_records(
+    n: usize,
+    mut gens: Vec<SampleGen>,
+    type_of: impl Fn(usize) -> usize,
+) -> Vec<(Arc<Record>, usize)> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
     let registry = Registry::from_proto_dirs(&[dir]).expect("schemas compile");
-    let mut gens: Vec<SampleGen> = (0..3).map(|i| SampleGen::new(i, 1_795_770_000)).collect();
     (0..n)
         .map(|i| {
-            let t = i % 3;
+            let t = type_of(i);
             let md = registry.message(TYPES[t]).expect("type");
             let payload = gens[t].samples(&md, 1, 0.0).remove(0).payload;
             let record = Record {
@@ -41,25 +56,25 @@ fn records(n: usize) -> Vec<(Arc<Record>, usize)> {
         .collect()
 }
 
-fn bench(c: &mut Criterion) {
-    // One archive object of the default batch size (25,000 messages).
-    let recs = records(25_000);
+/// Encodes `recs` as one archive object per `variants` entry (name, format, zstd level).
+fn archive(
+    c: &mut Criterion,
+    group: &str,
+    recs: &[(Arc<Record>, usize)],
+    variants: &[(&str, ArchiveFormat, i32)],
+) {
     let bytes: usize = recs.iter().map(|(r, _)| r.data.len()).sum();
     let sub = "projects/p/subscriptions/logs-logflow";
-    let mut g = c.benchmark_group("archive_parquet_zstd3_25000_msgs");
+    let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Bytes(bytes as u64));
     g.sample_size(20);
-    for (name, format, level) in [
-        ("encode", ArchiveFormat::Parquet, 3),
-        ("encode_zstd1", ArchiveFormat::Parquet, 1),
-        ("encode_ndjson_zst", ArchiveFormat::NdjsonZst, 3),
-    ] {
+    for &(name, format, level) in variants {
         let size = format
             .encode(recs.iter().map(|(r, _)| &**r), sub, level)
             .expect("encodes")
             .len();
         println!(
-            "archive {name}: {bytes} payload bytes in a {size}-byte object ({:.2}x smaller)",
+            "archive {group}/{name}: {bytes} payload bytes in a {size}-byte object ({:.2}x smaller)",
             bytes as f64 / size as f64
         );
         // As the archive stage does: one scratch, reused batch after batch.
@@ -74,8 +89,33 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+}
 
-    // insertAll bodies for 500-row batches of the same records' rows.
+fn bench(c: &mut Criterion) {
+    // One archive object of the default batch size (25,000 messages).
+    let recs = records(25_000);
+    let sub = "projects/p/subscriptions/logs-logflow";
+    archive(
+        c,
+        "archive_parquet_zstd3_25000_msgs",
+        &recs,
+        &[
+            ("encode", ArchiveFormat::Parquet, 3),
+            ("encode_zstd1", ArchiveFormat::Parquet, 1),
+            ("encode_ndjson_zst", ArchiveFormat::NdjsonZst, 3),
+        ],
+    );
+    archive(
+        c,
+        "archive_parquet_kib_25000_msgs",
+        &kib_records(25_000),
+        &[
+            ("encode", ArchiveFormat::Parquet, 3),
+            ("encode_zstd1", ArchiveFormat::Parquet, 1),
+        ],
+    );
+
+    // insertAll bodies for 500-row batches of the sample mix's rows.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
     let registry = Registry::from_proto_dirs(&[dir]).expect("schemas compile");
     let encoders: Vec<RowEncoder> = TYPES

@@ -102,10 +102,22 @@ impl Gather {
     fn add(&mut self, mut rows: RowBatch, ready: &mut std::collections::VecDeque<RowBatch>) {
         let now = tokio::time::Instant::now();
         while !rows.envs.is_empty() {
-            let at = self
+            let mut at = self
                 .waiting
                 .iter()
                 .position(|(w, _)| Arc::ptr_eq(&w.route, &rows.route));
+            // When the rows overflow their table's waiting batch and that batch is nearly a
+            // full request (seven eighths), it goes as it is and the rows wait in its place:
+            // topping it up would copy the rows for a few more per request (with one type per
+            // pipeline, every decode batch would be copied in full).
+            if let Some(i) = at {
+                let held = self.waiting[i].0.envs.len();
+                let max = self.limits.max_items;
+                if held + rows.envs.len() > max && held >= max - max / 8 {
+                    ready.push_back(self.waiting.swap_remove(i).0);
+                    at = None;
+                }
+            }
             let held = at.map_or(0, |i| self.waiting[i].0.envs.len());
             let room = self.limits.max_items.saturating_sub(held).max(1);
             let rest = (rows.envs.len() > room).then(|| rows.split_off(room));
@@ -817,24 +829,30 @@ mod tests {
             route("acme.http.v1.HttpAccessLog"),
             route("acme.auth.v1.AuthEvent"),
         );
-        let mut g = Gather::new(limits(5, 1 << 20));
+        let mut g = Gather::new(limits(10, 1 << 20));
         let mut ready = std::collections::VecDeque::new();
-        g.add(rows(&a, 0..3), &mut ready);
-        g.add(rows(&b, 100..103), &mut ready);
+        g.add(rows(&a, 0..2), &mut ready);
+        g.add(rows(&b, 100..106), &mut ready);
         assert!(ready.is_empty(), "nothing is full yet");
-        // Three more rows of a: five fill a request, the sixth waits for the next one.
-        g.add(rows(&a, 3..6), &mut ready);
+        // Nine more rows of a: a's two waiting rows are under half a request, so they are
+        // topped up to a full request; the last row waits for the next one.
+        g.add(rows(&a, 2..11), &mut ready);
         assert_eq!(ready.len(), 1);
         let full = ready.pop_front().unwrap();
         assert!(Arc::ptr_eq(&full.route, &a));
-        assert_eq!(contents(&full), expect(0..5));
-        // Eleven more rows of b at once: two full requests, four rows left waiting.
-        g.add(rows(&b, 103..114), &mut ready);
+        assert_eq!(contents(&full), expect(0..10));
+        // Twenty-three more rows of b: topped up too, then two full requests, nine rows left.
+        g.add(rows(&b, 106..129), &mut ready);
         let got: Vec<_> = ready.drain(..).map(|r| contents(&r)).collect();
-        assert_eq!(got, vec![expect(100..105), expect(105..110)]);
+        assert_eq!(got, vec![expect(100..110), expect(110..120)]);
+        // Three more rows of b: its nine waiting rows are nearly a full request and go as
+        // they are, so that the new rows are not copied; they wait in their place.
+        g.add(rows(&b, 129..132), &mut ready);
+        let got: Vec<_> = ready.drain(..).map(|r| contents(&r)).collect();
+        assert_eq!(got, vec![expect(120..129)]);
         let mut left: Vec<_> = g.waiting.iter().map(|(w, _)| contents(w)).collect();
         left.sort();
-        assert_eq!(left, vec![expect(5..6), expect(110..114)]);
+        assert_eq!(left, vec![expect(10..11), expect(129..132)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -771,11 +771,18 @@ async fn rows_of_interleaved_types_are_gathered_into_full_requests_per_table() {
     .await
     .unwrap_or_else(|_| panic!("not all messages inserted in time: {:?}", stats.snapshot()));
     assert_eq!((snap.nacked, snap.inserted), (0, total), "{snap:?}");
-    // 100 rows per table and 50 rows per request: two full requests per table, all sent on
-    // their count (max_age is long enough never to matter here). Sent as the
-    // decode batches come (a third of each type per batch), it would take at least 18.
+    // 100 rows per table and 50 rows per request: a table's waiting rows go when they fill
+    // a request, or as they are once they hold 44 (seven eighths) and the next decode batch
+    // overflows them, so two or three requests per table (the two streams deliver the types
+    // in no fixed proportion). Sent as the decode batches come (about a third of each type
+    // per batch), it would take at least 18.
     let batches = stats.insert_batch.snapshot();
-    assert_eq!((batches.count, batches.sum as u64), (6, total));
+    assert_eq!(batches.sum as u64, total);
+    assert!(
+        (6..=9).contains(&batches.count),
+        "{} requests for 300 rows",
+        batches.count
+    );
     shutdown.cancel();
     running.done.await.unwrap().unwrap();
 
