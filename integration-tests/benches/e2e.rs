@@ -16,7 +16,8 @@
 //! environment: `BENCH_MESSAGES` (default 500000), `BENCH_STREAMS` (default 2, the worker's
 //! default), `BENCH_MIX` (`kib`, the default: ≈ 1 KiB HTTP access logs, the size #9's goals
 //! are stated for; `sample`: the sample mix of three types, ≈ 430 B),
-//! `BENCH_FLOOR_MESSAGES` (default 100000; 0 skips the floor), `BENCH_OUT` (JSON
+//! `BENCH_FLOOR_MESSAGES` (default 100000; 0 skips the floor), `BENCH_ZSTD_LEVEL` (the raw
+//! archive's `zstd_level`; the worker's default when unset), `BENCH_OUT` (JSON
 //! results, default `target/bench/e2e.json`).
 
 use std::collections::HashSet;
@@ -181,10 +182,13 @@ async fn main() -> anyhow::Result<()> {
     // its budget is full; with the default 15 s deadline those expire unread and come back, a
     // churn that real Pub/Sub (which honours the limits) does not have.
     let yaml = format!(
-        "project: {project}\nschemas: {{ proto_dirs: [\"{schemas}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: bench\n    subscription: {subscription}\n    message_type: {ty}\n    type_attribute: logflow-type\n    streams: {streams}\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\" }}\n    archive: {{ bucket: {raw} }}\n    dead_letter: {{ bucket: {dlq} }}\n    flow_control: {{ lease_extension: 10m }}\n",
+        "project: {project}\nschemas: {{ proto_dirs: [\"{schemas}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: bench\n    subscription: {subscription}\n    message_type: {ty}\n    type_attribute: logflow-type\n    streams: {streams}\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\" }}\n    archive: {{ bucket: {raw}{zstd} }}\n    dead_letter: {{ bucket: {dlq} }}\n    flow_control: {{ lease_extension: 10m }}\n",
         project = emu.project,
         schemas = schemas_dir().display(),
         ty = types()[0].0,
+        zstd = std::env::var("BENCH_ZSTD_LEVEL")
+            .map(|l| format!(", zstd_level: {l}"))
+            .unwrap_or_default(),
     );
     let dir = std::env::temp_dir().join(unique("logflow-bench"));
     std::fs::create_dir_all(&dir)?;
@@ -360,6 +364,7 @@ async fn main() -> anyhow::Result<()> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         "mix": if kib_mix() { "kib" } else { "sample" },
+        "archive_zstd_level": std::env::var("BENCH_ZSTD_LEVEL").ok(),
         "messages": n,
         "malformed": malformed.len(),
         "payload_bytes": payload_bytes,
