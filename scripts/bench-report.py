@@ -262,8 +262,10 @@ def main():
         with open(os.path.join(OUT, "e2e-1m.json")) as f:
             m = json.load(f)
         lines += [
-            f"A second run with a {m['messages']:,}-message backlog (`BENCH_MESSAGES={m['messages']}`, same "
-            "settings) checks that memory is bounded by flow control, not by the backlog:",
+            f"A run with a {m['messages']:,}-message backlog of the "
+            + ("≈ 1 KiB messages" if m.get("mix") == "kib" else "sample mix")
+            + f" (`BENCH_MESSAGES={m['messages']}`, otherwise the same settings) checks that memory "
+            "is bounded by flow control, not by the backlog:",
             "",
             "| measure | value |",
             "|---|---|",
