@@ -546,18 +546,15 @@ mod tests {
             kept,
             "the same buffer was used again"
         );
-        let back: Vec<Record> = decode(file)
-            .unwrap()
-            .into_iter()
-            .map(|m| m.record)
-            .collect();
-        assert_eq!(back, first);
-        let back: Vec<Record> = decode(file2)
-            .unwrap()
-            .into_iter()
-            .map(|m| m.record)
-            .collect();
-        assert_eq!(back, second);
+        let records_of = |file| -> Vec<Record> {
+            decode(file)
+                .unwrap()
+                .into_iter()
+                .map(|m| m.record)
+                .collect()
+        };
+        assert_eq!(records_of(file), first);
+        assert_eq!(records_of(file2), second);
     }
 
     #[test]
