@@ -237,11 +237,19 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     let ty = "acme.payments.v1.PaymentEvent";
     let stream = published_stream(&emu, "replay", "pay", ty, 400, 61).await;
     let subscription = stream.subscription.clone();
-    // Small archive objects: a dozen or so to replay one by one.
-    let yaml = config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream]).replace(
-        "prefix: raw, batch: { max_items: 250",
-        "prefix: raw, batch: { max_items: 30",
-    );
+    // Small archive objects: a dozen or so to replay one by one. BigQuery requests of one
+    // object's size, one at a time, so that objects complete one after another (with the
+    // default requests the replay sends every object's rows at once and finishes them in one
+    // or two requests, leaving nothing to interrupt).
+    let yaml = config_yaml(&emu.project, &raw, &dlq, &dataset, &[&stream])
+        .replace(
+            "prefix: raw, batch: { max_items: 250",
+            "prefix: raw, batch: { max_items: 30",
+        )
+        .replace(
+            "batch: { max_items: 200,",
+            "concurrency: 1, batch: { max_items: 30,",
+        );
     let cfg = load_config(&yaml);
     let clients = Clients::connect(&cfg, &emu.endpoints).await.unwrap();
     let total = stream.published.len() as u64;
