@@ -71,6 +71,19 @@ pub(crate) fn load_config(yaml: &str) -> Config {
     Config::load(&path).unwrap_or_else(|e| panic!("{e}\n{yaml}"))
 }
 
+/// Publishes `items` (payload, attributes) to `topic` with a client of its own; their
+/// message ids, in order.
+pub(crate) async fn publish_items(
+    emu: &Emulators,
+    topic: &str,
+    items: impl IntoIterator<Item = (Vec<u8>, Vec<(String, String)>)>,
+) -> Vec<String> {
+    let publisher = publish::publisher(topic, emu.endpoints.pubsub.as_deref())
+        .await
+        .unwrap();
+    publish::publish_all(&publisher, items).await.unwrap()
+}
+
 pub(crate) async fn publish_samples(
     emu: &Emulators,
     topic: &str,
@@ -86,16 +99,13 @@ pub(crate) async fn publish_samples(
         samples.iter().any(|s| s.malformed.is_some())
             && samples.iter().any(|s| s.malformed.is_none())
     );
-    let publisher = publish::publisher(topic, emu.endpoints.pubsub.as_deref())
-        .await
-        .unwrap();
     let items = samples.iter().map(|s| {
         (
             s.payload.clone(),
             vec![("source".to_string(), "it".to_string())],
         )
     });
-    let ids = publish::publish_all(&publisher, items).await.unwrap();
+    let ids = publish_items(emu, topic, items).await;
     ids.into_iter().zip(samples).collect()
 }
 

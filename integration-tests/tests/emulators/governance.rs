@@ -13,7 +13,7 @@ use logflow_integration_tests::{Emulators, unique};
 use prost::Message as _;
 use prost_reflect::{DynamicMessage, Value};
 
-use crate::common::{PROCESS_TIMEOUT, destinations, load_config, start_worker};
+use crate::common::{PROCESS_TIMEOUT, destinations, load_config, publish_items, start_worker};
 use crate::consumption::{send_signal, spawn_worker};
 
 const KEY: &str = "governance-test-key-0123456789";
@@ -76,10 +76,7 @@ async fn personal_data_never_reaches_bigquery_or_parquet_in_clear() {
         sent.push((email, phone));
     }
     let (_, subscription, topic_path) = emu.fresh_topic("pii").await.unwrap();
-    let publisher = publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
-        .await
-        .unwrap();
-    let ids = publish::publish_all(&publisher, items).await.unwrap();
+    let ids = publish_items(&emu, &topic_path, items).await;
     let expected: BTreeMap<String, (String, String)> = ids.into_iter().zip(sent).collect();
 
     let yaml = format!(

@@ -5,15 +5,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use arrow::array::AsArray;
-use logflow::publish;
 use logflow::samples::SampleGen;
 use logflow::worker::{self, Clients};
 use logflow_gcs::{archive, deadletter};
 use logflow_integration_tests::{Emulators, schemas_dir, unique};
 
 use crate::common::{
-    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, published_stream,
-    run_until_acked, start_worker, with_write_api,
+    PROCESS_TIMEOUT, Stream, config_yaml, destinations, load_config, publish_items,
+    published_stream, run_until_acked, start_worker, with_write_api,
 };
 use prost_reflect::{DynamicMessage, Kind, ReflectMessage, Value};
 use tokio_util::sync::CancellationToken;
@@ -461,10 +460,7 @@ async fn a_mixed_append_lands_the_good_rows_and_dead_letters_the_bad() {
         items.push((m.encode_to_vec(), Vec::new()));
     }
     let (_, subscription, topic_path) = emu.fresh_topic("mixed-append").await.unwrap();
-    let publisher = publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
-        .await
-        .unwrap();
-    let ids = publish::publish_all(&publisher, items).await.unwrap();
+    let ids = publish_items(&emu, &topic_path, items).await;
     let stream = Stream {
         pipeline: "http".into(),
         subscription: subscription.clone(),
@@ -651,10 +647,7 @@ async fn messages_name_their_type_and_get_a_table_each() {
             items.push((s.payload, attrs));
         }
     }
-    let publisher = publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
-        .await
-        .unwrap();
-    let ids = publish::publish_all(&publisher, items).await.unwrap();
+    let ids = publish_items(&emu, &topic_path, items).await;
     let yaml = format!(
         "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\npipelines:\n  - name: mixed\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
         emu.project,
@@ -751,10 +744,7 @@ async fn rows_of_interleaved_types_are_gathered_into_full_requests_per_table() {
             table_of.push(*table);
         }
     }
-    let publisher = publish::publisher(&topic_path, emu.endpoints.pubsub.as_deref())
-        .await
-        .unwrap();
-    let ids = publish::publish_all(&publisher, items).await.unwrap();
+    let ids = publish_items(&emu, &topic_path, items).await;
     let yaml = format!(
         "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\npipelines:\n  - name: gather\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 50, max_bytes: 5000000, max_age: 20s }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 300, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
         emu.project,
