@@ -136,12 +136,19 @@ pub(crate) fn write_root(
 
 #[inline(always)]
 fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, DecodeError> {
-    // Most varints (tags, small values) are one byte.
-    if let Some(&b) = buf.get(*pos)
-        && b < 0x80
-    {
-        *pos += 1;
-        return Ok(u64::from(b));
+    // Most varints (tags, small values) are one byte; lengths of log strings and small
+    // numbers are two.
+    if let Some(&b) = buf.get(*pos) {
+        if b < 0x80 {
+            *pos += 1;
+            return Ok(u64::from(b));
+        }
+        if let Some(&c) = buf.get(*pos + 1)
+            && c < 0x80
+        {
+            *pos += 2;
+            return Ok(u64::from(b & 0x7f) | (u64::from(c) << 7));
+        }
     }
     read_varint_slow(buf, pos)
 }
@@ -1209,6 +1216,32 @@ mod tests {
         for (k, e) in mi.iter().enumerate() {
             assert_eq!(e["key"], k.to_string());
             assert_eq!(e["value"], "199");
+        }
+    }
+
+    #[test]
+    fn varints_of_every_length_read_as_prost_writes_them_and_truncations_fail() {
+        let mut values: Vec<u64> = vec![0, 1, u64::MAX];
+        for bits in 1..64 {
+            values.extend([(1u64 << bits) - 1, 1u64 << bits, (1u64 << bits) + 1]);
+        }
+        for v in values {
+            let mut buf = Vec::new();
+            prost::encoding::encode_varint(v, &mut buf);
+            // At the end of the buffer and followed by more bytes (the fast paths look ahead).
+            for tail in [&[][..], &[0x05, 0x80]] {
+                let mut b = buf.clone();
+                b.extend_from_slice(tail);
+                let mut pos = 0;
+                assert_eq!(read_varint(&b, &mut pos).unwrap(), v, "{b:02x?}");
+                assert_eq!(pos, buf.len(), "{b:02x?}");
+            }
+            for cut in 0..buf.len() {
+                assert!(
+                    read_varint(&buf[..cut], &mut 0).is_err(),
+                    "{v} cut at {cut}"
+                );
+            }
         }
     }
 
