@@ -101,16 +101,18 @@ pub struct EncodeScratch {
 }
 
 impl EncodeScratch {
-    /// Takes the buffer for a batch of `len` payload bytes, empty. Memory well beyond what
-    /// the batch needs is returned to the allocator, so that one unusually large batch does
-    /// not stay resident.
+    /// Takes the buffer for a batch of `len` payload bytes, empty. A buffer too small is
+    /// replaced by one with a quarter of headroom (not grown: its contents are not needed,
+    /// and batch sizes vary by a few percent, so growing to the exact size would replace it
+    /// again and again). Memory well beyond what the batch needs is returned to the
+    /// allocator, so that one unusually large batch does not stay resident.
     fn take(&mut self, len: usize) -> Vec<u8> {
         let mut v = std::mem::take(&mut self.data);
         v.clear();
-        if v.capacity() > len.saturating_mul(2).max(1 << 20) {
-            v = Vec::new();
+        if v.capacity() < len || v.capacity() > len.saturating_mul(3).max(1 << 20) {
+            v = Vec::new(); // the old buffer is freed before the new one is taken
+            v.reserve_exact(len.saturating_add(len / 4));
         }
-        v.reserve(len);
         v
     }
 
@@ -555,6 +557,26 @@ mod tests {
         };
         assert_eq!(records_of(file), first);
         assert_eq!(records_of(file2), second);
+    }
+
+    #[test]
+    fn a_scratch_keeps_its_buffer_while_batch_sizes_vary_a_little() {
+        let mut scratch = EncodeScratch::default();
+        let mut cycle = |len: usize| {
+            let v = scratch.take(len);
+            assert!(v.is_empty() && v.capacity() >= len, "{len}");
+            let ptr = v.as_ptr();
+            scratch.put_back(arrow::buffer::Buffer::from_vec(v));
+            ptr
+        };
+        let mib = 1 << 20;
+        cycle(10 * mib);
+        // A slightly larger batch needs a new buffer, with headroom...
+        let grown = cycle(10 * mib + mib / 2);
+        // ...which the batches around that size keep using.
+        for len in [10 * mib, 10 * mib + mib / 2, 11 * mib, 9 * mib, 12 * mib] {
+            assert_eq!(cycle(len), grown, "{len}");
+        }
     }
 
     #[test]
