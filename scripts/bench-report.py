@@ -62,6 +62,14 @@ def estimate(group, name):
         return None
 
 
+def faults_row(e):
+    """The page-fault row of an end-to-end table (absent from results older than the measure)."""
+    f = e.get("worker_minor_faults_per_message")
+    if f is None:
+        return "| worker minor page faults per message | not measured |"
+    return f"| worker minor page faults per message (memory touched afresh, paid in system time) | {f:.2f} |"
+
+
 def allocations():
     out = {}
     try:
@@ -149,11 +157,14 @@ def main():
             25000, sizes.get("encode")),
         row(a, "encode_zstd1", "the same, `archive.zstd_level: 1`", 25000,
             sizes.get("encode_zstd1")),
+        row(a, "encode_zstd2", "the same, `archive.zstd_level: 2`", 25000,
+            sizes.get("encode_zstd2")),
         row(a, "encode_ndjson_zst", "the same, `archive.format: ndjson_zst` (base64 payloads), level 3",
             25000, sizes.get("encode_ndjson_zst")),
         row(k, "encode", "raw-archive object of ≈ 1 KiB messages (the end-to-end mix), level 3",
             25000, sizes.get(f"{k}/encode")),
         row(k, "encode_zstd1", "the same, level 1", 25000, sizes.get(f"{k}/encode_zstd1")),
+        row(k, "encode_zstd2", "the same, level 2", 25000, sizes.get(f"{k}/encode_zstd2")),
         row("insert_all_body_500_rows", "build",
             "insertAll request body from 500 pre-serialised rows", 500),
         row("append_rows_500_rows", "convert",
@@ -202,6 +213,7 @@ def main():
             f"| **worker peak RSS** | **{e['worker_peak_rss_mib']:.0f} MiB** |",
             f"| worker heap allocations per message | {allocs_e2e:.1f} |" if allocs_e2e is not None
             else "| worker heap allocations per message | not counted |",
+            faults_row(e),
             f"| most messages held at once (seen on /metrics) | {e['peak_outstanding_seen']:,} |",
             f"| wall time to drain | {e['drain_wall_seconds']:.0f} s (publishing took {e['publish_seconds']:.0f} s) |",
             f"| emulators' CPU while draining | {emu_s} |",
@@ -219,6 +231,11 @@ def main():
                 lines += [
                     f"| mean messages the source hands the stages at once (what the streams had ready) | "
                     f"{mb['logflow_source_burst_messages']:.1f} |",
+                ]
+            if "logflow_source_ack_lag_seconds" in mb:
+                lines += [
+                    f"| mean time a message is held, receipt to ack (set by the emulators' pace) | "
+                    f"{mb['logflow_source_ack_lag_seconds']:.1f} s |",
                 ]
         fl = e.get("floor")
         if fl:
@@ -251,6 +268,7 @@ def main():
             f"| **worker peak RSS** | **{k['worker_peak_rss_mib']:.0f} MiB** |",
             f"| worker heap allocations per message | {k['worker_allocations_per_message']:.1f} |"
             if k.get("worker_allocations_per_message") is not None else "| worker heap allocations per message | not counted |",
+            faults_row(k),
             f"| wall time to drain | {k['drain_wall_seconds']:.0f} s |",
             f"| redeliveries / archive duplicates / BigQuery duplicate rows | {k['redelivered_extra']:,} / {k['archive_duplicates']:,} / {k['bigquery_duplicate_rows']:,} |",
             f"| mean rows per BigQuery request | {kmb.get('logflow_bigquery_batch_rows', 0):.0f} |",

@@ -102,6 +102,7 @@ fn bench(c: &mut Criterion) {
         &[
             ("encode", ArchiveFormat::Parquet, 3),
             ("encode_zstd1", ArchiveFormat::Parquet, 1),
+            ("encode_zstd2", ArchiveFormat::Parquet, 2),
             ("encode_ndjson_zst", ArchiveFormat::NdjsonZst, 3),
         ],
     );
@@ -112,6 +113,7 @@ fn bench(c: &mut Criterion) {
         &[
             ("encode", ArchiveFormat::Parquet, 3),
             ("encode_zstd1", ArchiveFormat::Parquet, 1),
+            ("encode_zstd2", ArchiveFormat::Parquet, 2),
         ],
     );
 

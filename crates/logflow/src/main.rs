@@ -582,6 +582,7 @@ fn finish(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Resu
         cpu_user_seconds = u.user_seconds,
         cpu_system_seconds = u.system_seconds,
         max_rss_bytes = u.max_rss_bytes,
+        minor_faults = u.minor_faults,
         allocations = u.allocations,
         "worker stopped cleanly"
     );

@@ -1,4 +1,4 @@
-//! What the process has used so far: CPU time and peak memory from the kernel
+//! What the process has used so far: CPU time, peak memory and page faults from the kernel
 //! (`getrusage`), and, when built with the `count-allocs` feature, heap allocations.
 //! `logflow run` logs it at exit; the end-to-end benchmark reads that line.
 //!
@@ -16,6 +16,9 @@ pub struct Usage {
     pub system_seconds: f64,
     /// Peak resident set size, bytes.
     pub max_rss_bytes: u64,
+    /// Minor page faults: each is a page of memory touched for the first time (or again
+    /// after it was returned to the kernel), a cost counted in `system_seconds`.
+    pub minor_faults: u64,
     /// Heap allocations (only counted with the `count-allocs` feature).
     pub allocations: Option<u64>,
 }
@@ -36,6 +39,7 @@ pub fn current() -> Usage {
         } else {
             0
         },
+        minor_faults: if ok { ru.ru_minflt.max(0) as u64 } else { 0 },
         allocations: allocations(),
     }
 }
@@ -135,5 +139,16 @@ mod tests {
         let u = super::current();
         assert!(u.max_rss_bytes > 0, "{u:?}");
         assert!(u.user_seconds + u.system_seconds >= 0.0);
+    }
+
+    #[test]
+    fn touching_fresh_memory_counts_page_faults() {
+        let before = super::current().minor_faults;
+        let mut fresh = vec![0u8; 64 << 20];
+        for i in (0..fresh.len()).step_by(4096) {
+            fresh[i] = 1;
+        }
+        std::hint::black_box(&fresh);
+        assert!(super::current().minor_faults > before);
     }
 }
