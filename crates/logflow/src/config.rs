@@ -208,7 +208,10 @@ pub struct DeadLetterConfig {
 pub struct FlowControlConfig {
     /// Messages held at most.
     pub max_outstanding_messages: usize,
-    /// Payload bytes held at most.
+    /// Payload bytes held at most. With messages over about 1.3 KiB this binds before
+    /// `max_outstanding_messages`, and the worker's peak RSS is about five times it: the
+    /// payloads, their decoded rows, the archive object being encoded, allocator slack
+    /// (measured: 318 MiB at the 64 MiB default with ≈ 4 KiB messages, BENCHMARKS.md).
     pub max_outstanding_bytes: usize,
     /// Each lease extension asks Pub/Sub for this long (10 s to 600 s). After a crash, held
     /// messages come back this soon: 15 s keeps redeliveries inside BigQuery's ~1 min
@@ -225,7 +228,7 @@ impl Default for FlowControlConfig {
     fn default() -> Self {
         FlowControlConfig {
             max_outstanding_messages: 50_000,
-            max_outstanding_bytes: 160 * MIB,
+            max_outstanding_bytes: 64 * MIB,
             lease_extension: Duration::from_secs(15),
             max_lease: Duration::from_secs(600),
         }
@@ -272,7 +275,7 @@ fn default_bq_batch() -> BatchLimits {
 fn default_archive_batch() -> BatchLimits {
     BatchLimits {
         max_items: 25_000,
-        max_bytes: 64 * MIB,
+        max_bytes: 32 * MIB,
         max_age: Duration::from_secs(60),
     }
 }
@@ -458,6 +461,12 @@ impl Config {
                         parsed.batch.max_items, p.flow_control.max_outstanding_messages
                     ));
                 }
+                if parsed.batch.max_bytes > p.flow_control.max_outstanding_bytes / 2 {
+                    return Err(format!(
+                        "{at}.parsed.batch.max_bytes ({}) must be at most half of flow_control.max_outstanding_bytes ({}): raise the latter or lower the former",
+                        parsed.batch.max_bytes, p.flow_control.max_outstanding_bytes
+                    ));
+                }
             }
             if !(1..=32).contains(&p.streams) {
                 return Err(format!("{at}.streams: must be between 1 and 32"));
@@ -539,6 +548,9 @@ pipelines:
         assert_eq!(p.archive.format, ArchiveFormat::Parquet);
         assert_eq!(p.archive.zstd_level, 3);
         assert_eq!(p.bigquery.batch.max_items, 500);
+        // The batches that hold messages longest may take half the byte budget each.
+        assert_eq!(p.flow_control.max_outstanding_bytes, 64 * MIB);
+        assert_eq!(p.archive.batch.max_bytes, 32 * MIB);
         assert_eq!(
             p.subscription_path("p"),
             "projects/p/subscriptions/http-sub"
@@ -591,6 +603,16 @@ pipelines:
             (
                 format!("{GOOD}    flow_control: {{ max_outstanding_messages: 100 }}\n"),
                 "pipelines[0].archive.batch.max_items",
+            ),
+            (
+                format!("{GOOD}    flow_control: {{ max_outstanding_bytes: 50000000 }}\n"),
+                "pipelines[0].archive.batch.max_bytes (33554432) must be at most half of flow_control.max_outstanding_bytes (50000000)",
+            ),
+            (
+                format!(
+                    "{GOOD}    parsed: {{ bucket: pq, batch: {{ max_items: 100, max_bytes: 40000000, max_age: 1s }} }}\n"
+                ),
+                "pipelines[0].parsed.batch.max_bytes (40000000) must be at most half of flow_control.max_outstanding_bytes (67108864)",
             ),
             (
                 format!("{GOOD}    flow_control: {{ lease_extension: 5s }}\n"),
