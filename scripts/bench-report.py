@@ -112,6 +112,39 @@ def row(group, name, label, messages, allocs=None):
     return f"| {label} | {mibs:.0f} MiB/s ({mibs * MIB / 1e6:.0f} MB/s) | {per:.2f} µs | {a} |"
 
 
+def when_of(k):
+    return datetime.datetime.fromtimestamp(k["unix_time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def other_mix(name, intro, extra=lambda k: []):
+    """The table of an end-to-end run on another mix, or nothing if it did not run."""
+    try:
+        with open(os.path.join(OUT, name)) as f:
+            k = json.load(f)
+        kmb = k.get("mean_batch") or {}
+        return [
+            intro(k),
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| messages (malformed) | {k['messages']:,} ({k['malformed']:,}), {k['mean_payload_bytes']:.0f} B per message on average |",
+            f"| worker CPU (user + system) | {k['worker_cpu_user_seconds']:.1f} s + {k['worker_cpu_system_seconds']:.1f} s |",
+            f"| **worker CPU per message** | **{k['worker_cpu_us_per_message']:.1f} µs** |",
+            f"| **payload per worker CPU-second** | **{k['payload_mb_per_cpu_second']:.1f} MB/s** |",
+            f"| **worker peak RSS** | **{k['worker_peak_rss_mib']:.0f} MiB** |",
+            f"| worker heap allocations per message | {k['worker_allocations_per_message']:.1f} |"
+            if k.get("worker_allocations_per_message") is not None else "| worker heap allocations per message | not counted |",
+            faults_row(k),
+            *extra(k),
+            f"| wall time to drain | {k['drain_wall_seconds']:.0f} s |",
+            f"| redeliveries / archive duplicates / BigQuery duplicate rows | {k['redelivered_extra']:,} / {k['archive_duplicates']:,} / {k['bigquery_duplicate_rows']:,} |",
+            f"| mean rows per BigQuery request | {kmb.get('logflow_bigquery_batch_rows', 0):.0f} |",
+            "",
+        ]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def main():
     allocs = allocations()
     sizes = ratios()
@@ -248,34 +281,24 @@ def main():
                 f"the worker's own work above it: {worker_us - fl['cpu_us_per_message']:.1f} µs |",
             ]
         lines += [""]
-    try:
-        with open(os.path.join(OUT, "e2e-sample.json")) as f:
-            k = json.load(f)
-        kwhen = datetime.datetime.fromtimestamp(k["unix_time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        kmb = k.get("mean_batch") or {}
-        lines += [
-            f"**On the sample mix** (`BENCH_MIX=sample`, {k['messages']:,} messages; commit {k.get('commit')}, {kwhen}): "
-            "the three types `logflow publish` sends (HTTP access logs, payment and auth events), "
-            "routed by attribute to a table each; otherwise the same settings. Smaller messages, so "
-            "the per-message costs weigh more per byte.",
-            "",
-            "| measure | value |",
-            "|---|---|",
-            f"| messages (malformed) | {k['messages']:,} ({k['malformed']:,}), {k['mean_payload_bytes']:.0f} B per message on average |",
-            f"| worker CPU (user + system) | {k['worker_cpu_user_seconds']:.1f} s + {k['worker_cpu_system_seconds']:.1f} s |",
-            f"| **worker CPU per message** | **{k['worker_cpu_us_per_message']:.1f} µs** |",
-            f"| **payload per worker CPU-second** | **{k['payload_mb_per_cpu_second']:.1f} MB/s** |",
-            f"| **worker peak RSS** | **{k['worker_peak_rss_mib']:.0f} MiB** |",
-            f"| worker heap allocations per message | {k['worker_allocations_per_message']:.1f} |"
-            if k.get("worker_allocations_per_message") is not None else "| worker heap allocations per message | not counted |",
-            faults_row(k),
-            f"| wall time to drain | {k['drain_wall_seconds']:.0f} s |",
-            f"| redeliveries / archive duplicates / BigQuery duplicate rows | {k['redelivered_extra']:,} / {k['archive_duplicates']:,} / {k['bigquery_duplicate_rows']:,} |",
-            f"| mean rows per BigQuery request | {kmb.get('logflow_bigquery_batch_rows', 0):.0f} |",
-            "",
-        ]
-    except (OSError, ValueError, KeyError):
-        pass
+    lines += other_mix(
+        "e2e-sample.json",
+        lambda k: f"**On the sample mix** (`BENCH_MIX=sample`, {k['messages']:,} messages; commit {k.get('commit')}, {when_of(k)}): "
+        "the three types `logflow publish` sends (HTTP access logs, payment and auth events), "
+        "routed by attribute to a table each; otherwise the same settings. Smaller messages, so "
+        "the per-message costs weigh more per byte.",
+    )
+    lines += other_mix(
+        "e2e-4kib.json",
+        lambda k: f"**On ≈ 4 KiB messages** (`BENCH_MIX=4kib`, {k['messages']:,} messages; commit {k.get('commit')}, {when_of(k)}): "
+        "the same access logs with a long cookie. Here the byte budget of flow control "
+        "(`max_outstanding_bytes`, 64 MiB) binds before the message count, so this is the "
+        "peak memory of a worker whose budget is full of large messages.",
+        extra=lambda k: [
+            f"| most messages held at once (seen on /metrics) | {k['peak_outstanding_seen']:,} |",
+            f"| worker CPU per KiB of payload | {k['worker_cpu_us_per_message'] * 1024 / k['mean_payload_bytes']:.1f} µs |",
+        ],
+    )
     try:
         with open(os.path.join(OUT, "e2e-1m.json")) as f:
             m = json.load(f)

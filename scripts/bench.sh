@@ -3,8 +3,10 @@
 # emulators (started here if not running, and stopped again if this script started them), then
 # BENCHMARKS.md rewritten from the results. End to end: ≈ 1 KiB messages (BENCH_MESSAGES, default
 # 500000, and the Pub/Sub client floor on BENCH_FLOOR_MESSAGES, default 100000), then the
-# three-type sample mix (BENCH_SAMPLE_MESSAGES, default 100000; 0 skips it). BENCH_QUICK=1 runs
-# everything briefly (a smoke test of the tooling). About 13 minutes on 2 cores, build included.
+# three-type sample mix (BENCH_SAMPLE_MESSAGES, default 100000; 0 skips it), then ≈ 4 KiB
+# messages, where the byte budget binds (BENCH_4KIB_MESSAGES, default 40000; 0 skips it).
+# BENCH_QUICK=1 runs everything briefly (a smoke test of the tooling). About 14 minutes on
+# 2 cores, build included.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -17,6 +19,7 @@ if [ "${BENCH_QUICK:-0}" = 1 ]; then
   export BENCH_MESSAGES="${BENCH_MESSAGES:-3000}"
   export BENCH_FLOOR_MESSAGES="${BENCH_FLOOR_MESSAGES:-3000}"
   export BENCH_SAMPLE_MESSAGES="${BENCH_SAMPLE_MESSAGES:-3000}"
+  export BENCH_4KIB_MESSAGES="${BENCH_4KIB_MESSAGES:-3000}"
 fi
 
 echo "== micro-benchmarks"
@@ -42,6 +45,12 @@ sample="${BENCH_SAMPLE_MESSAGES:-100000}"
 if [ "$sample" != 0 ]; then
   echo "== end to end, the sample mix ($sample)"
   BENCH_MIX=sample BENCH_MESSAGES="$sample" BENCH_FLOOR_MESSAGES=0 BENCH_OUT="$ROOT/$OUT/e2e-sample.json" \
+    cargo bench --locked -p logflow-integration-tests --features emulator-tests --bench e2e
+fi
+big="${BENCH_4KIB_MESSAGES:-40000}"
+if [ "$big" != 0 ]; then
+  echo "== end to end, ≈ 4 KiB messages ($big)"
+  BENCH_MIX=4kib BENCH_MESSAGES="$big" BENCH_FLOOR_MESSAGES=0 BENCH_OUT="$ROOT/$OUT/e2e-4kib.json" \
     cargo bench --locked -p logflow-integration-tests --features emulator-tests --bench e2e
 fi
 [ "$started_here" = 1 ] && echo "(emulators stopped on exit)"

@@ -15,7 +15,9 @@
 //! `make bench` runs it (emulators started, release binary built). Settings from the
 //! environment: `BENCH_MESSAGES` (default 500000), `BENCH_STREAMS` (default 2, the worker's
 //! default), `BENCH_MIX` (`kib`, the default: ≈ 1 KiB HTTP access logs, the size #9's goals
-//! are stated for; `sample`: the sample mix of three types, ≈ 430 B),
+//! are stated for; `4kib`: the same logs with a long cookie, ≈ 4 KiB, where the byte budget
+//! of flow control binds before the message count; `sample`: the sample mix of three types,
+//! ≈ 430 B),
 //! `BENCH_FLOOR_MESSAGES` (default 100000; 0 skips the floor), `BENCH_ZSTD_LEVEL` (the raw
 //! archive's `zstd_level`; the worker's default when unset), `BENCH_OUT` (JSON
 //! results, default `target/bench/e2e.json`).
@@ -31,15 +33,21 @@ use logflow::samples::SampleGen;
 use logflow::worker::Clients;
 use logflow_integration_tests::{Emulators, outputs, schemas_dir, unique};
 
+/// `BENCH_MIX`: `kib` (the default), `4kib` or `sample`.
+fn mix() -> String {
+    std::env::var("BENCH_MIX").unwrap_or_else(|_| "kib".into())
+}
+
 /// HTTP access logs with every header and a full cookie (≈ 1 KiB each, the size #9's goals
-/// are stated for), unless `BENCH_MIX=sample` asks for the sample mix of three types (≈ 430 B).
-fn kib_mix() -> bool {
-    std::env::var("BENCH_MIX").map_or(true, |m| m != "sample")
+/// are stated for; ≈ 4 KiB with `BENCH_MIX=4kib`), unless `BENCH_MIX=sample` asks for the
+/// sample mix of three types (≈ 430 B).
+fn access_logs() -> bool {
+    mix() != "sample"
 }
 
 /// The message types published in turn, with their tables.
 fn types() -> &'static [(&'static str, &'static str)] {
-    if kib_mix() {
+    if access_logs() {
         &[("acme.http.v1.HttpAccessLog", "http_access_log")]
     } else {
         &[
@@ -130,12 +138,11 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(subscription) = std::env::var(FLOOR_ENV) {
         return floor_consumer(subscription).await;
     }
-    if let Ok(m) = std::env::var("BENCH_MIX") {
-        ensure!(
-            m == "kib" || m == "sample",
-            "BENCH_MIX={m}: use `kib` (the default) or `sample`"
-        );
-    }
+    let m = mix();
+    ensure!(
+        ["kib", "4kib", "sample"].contains(&m.as_str()),
+        "BENCH_MIX={m}: use `kib` (the default), `4kib` or `sample`"
+    );
     let n: usize = env_or("BENCH_MESSAGES", 500_000);
     let streams: usize = env_or("BENCH_STREAMS", 2);
     let floor_n: usize = env_or("BENCH_FLOOR_MESSAGES", 100_000);
@@ -365,7 +372,7 @@ async fn main() -> anyhow::Result<()> {
         "unix_time": std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        "mix": if kib_mix() { "kib" } else { "sample" },
+        "mix": mix(),
         "archive_zstd_level": std::env::var("BENCH_ZSTD_LEVEL").ok(),
         "messages": n,
         "malformed": malformed.len(),
@@ -426,7 +433,11 @@ async fn publish_backlog(
     let mut gens: Vec<SampleGen> = (0..types.len() as u64)
         .map(|i| {
             let g = SampleGen::new(1000 + i, now_secs());
-            if kib_mix() { g.with_full_requests() } else { g }
+            match mix().as_str() {
+                "kib" => g.with_full_requests(),
+                "4kib" => g.with_full_requests().with_recently_viewed(285),
+                _ => g,
+            }
         })
         .collect();
     let mds: Vec<_> = types

@@ -41,6 +41,7 @@ pub struct SampleGen {
     rng: StdRng,
     now_secs: i64,
     full_requests: bool,
+    recently_viewed: usize,
 }
 
 const PATHS: &[&str] = &[
@@ -104,6 +105,7 @@ impl SampleGen {
             rng: StdRng::seed_from_u64(seed),
             now_secs,
             full_requests: false,
+            recently_viewed: 6,
         }
     }
 
@@ -112,6 +114,14 @@ impl SampleGen {
     /// benchmark's goal is stated for.
     pub fn with_full_requests(mut self) -> Self {
         self.full_requests = true;
+        self
+    }
+
+    /// With full requests, `items` product ids (11 bytes each) in the cookie's
+    /// `recently_viewed` list instead of 6: bigger messages, from the same schema
+    /// (about 4 KiB with 285).
+    pub fn with_recently_viewed(mut self, items: usize) -> Self {
+        self.recently_viewed = items;
         self
     }
 
@@ -388,7 +398,10 @@ impl SampleGen {
                 self.now_secs * 1000 + r.random_range(0..1000),
                 r.random_range(1_000_000_000..9_999_999_999u64),
                 pick(r, WORDS),
-                (0..6).map(|_| hex(r, 8)).collect::<Vec<_>>().join("%2C")
+                (0..self.recently_viewed)
+                    .map(|_| hex(r, 8))
+                    .collect::<Vec<_>>()
+                    .join("%2C")
             ),
             "cookie" => format!(
                 "session={}; cart={}; consent=analytics:1,ads:0",
@@ -538,6 +551,17 @@ mod tests {
                 .unwrap();
             assert_eq!(headers.as_map().unwrap().len(), HEADER_NAMES.len());
         }
+    }
+
+    #[test]
+    fn a_long_recently_viewed_list_makes_messages_of_about_4_kib() {
+        let md = registry().message("acme.http.v1.HttpAccessLog").unwrap();
+        let samples = SampleGen::new(3, 1_790_000_000)
+            .with_full_requests()
+            .with_recently_viewed(285)
+            .samples(&md, 300, 0.0);
+        let mean = samples.iter().map(|s| s.payload.len()).sum::<usize>() / samples.len();
+        assert!((3900..4400).contains(&mean), "mean {mean} B");
     }
 
     #[test]
