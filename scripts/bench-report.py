@@ -265,11 +265,6 @@ def main():
                     f"| mean messages the source hands the stages at once (what the streams had ready) | "
                     f"{mb['logflow_source_burst_messages']:.1f} |",
                 ]
-            if "logflow_source_ack_lag_seconds" in mb:
-                lines += [
-                    f"| mean time a message is held, receipt to ack (set by the emulators' pace) | "
-                    f"{mb['logflow_source_ack_lag_seconds']:.1f} s |",
-                ]
         fl = e.get("floor")
         if fl:
             worker_us = e['worker_cpu_us_per_message']
@@ -278,7 +273,9 @@ def main():
                 f"({fl['messages']:,} messages, drained in {fl['wall_seconds']:.0f} s) | "
                 f"**{fl['cpu_us_per_message']:.1f} µs** per message "
                 f"({fl['cpu_user_seconds']:.1f} s + {fl['cpu_system_seconds']:.1f} s); "
-                f"the worker's own work above it: {worker_us - fl['cpu_us_per_message']:.1f} µs |",
+                f"the worker's own work above it: {worker_us - fl['cpu_us_per_message']:.1f} µs; "
+                f"the worker costs **{worker_us / fl['cpu_us_per_message']:.2f}× the floor** (the figure to compare across runs: "
+                "this shared machine's speed varies by ±20 % from hour to hour) |",
             ]
         lines += [""]
     lines += other_mix(
