@@ -265,6 +265,11 @@ def main():
                     f"| mean messages the source hands the stages at once (what the streams had ready) | "
                     f"{mb['logflow_source_burst_messages']:.1f} |",
                 ]
+            if "logflow_source_held_seconds" in mb:
+                lines += [
+                    f"| mean time the worker holds a message, receipt to ack (set by the emulators' pace "
+                    f"and the archive's 25,000-message objects) | {mb['logflow_source_held_seconds']:.1f} s |",
+                ]
         fl = e.get("floor")
         if fl:
             worker_us = e['worker_cpu_us_per_message']

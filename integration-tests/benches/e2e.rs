@@ -283,12 +283,13 @@ async fn main() -> anyhow::Result<()> {
     let drained_secs = started.elapsed().as_secs_f64();
     let received = metric(&admin, "logflow_source_received_messages_total").await?;
     let stream_reopens = metric(&admin, "logflow_source_stream_reopens_total").await?;
-    // Mean batch sizes, from the histograms' sums and counts.
+    // Means of histograms (batch sizes, how long messages are held), from sums and counts.
     let mut mean_batch = serde_json::Map::new();
     for h in [
         "logflow_bigquery_batch_rows",
         "logflow_archive_batch_messages",
         "logflow_source_burst_messages",
+        "logflow_source_held_seconds",
     ] {
         let sum = metric(&admin, &format!("{h}_sum")).await?;
         let count = metric(&admin, &format!("{h}_count")).await?;

@@ -45,6 +45,9 @@ pub struct Stats {
     pub schema_reloads_refused: AtomicU64,
     /// Publish → ack time of acked messages.
     pub ack_lag: Histogram,
+    /// Receipt → ack time of acked messages: how long the worker held them. Throughput is at
+    /// most the flow-control budget divided by this.
+    pub held_for: Histogram,
     /// Time to write one raw-archive object, retries included.
     pub archive_flush: Histogram,
     /// Time of one insertAll batch, retries included.

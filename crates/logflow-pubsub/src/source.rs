@@ -167,6 +167,10 @@ impl AckHandle for PubsubAck {
                 .ack_lag
                 .observe_micros(logflow_core::time::now_micros() - self.publish_time_micros);
         }
+        let held = self.received.elapsed().as_micros();
+        self.stats
+            .held_for
+            .observe_micros(i64::try_from(held).unwrap_or(i64::MAX));
         self.stats.add(&self.stats.acked, 1);
         self.handler.ack();
     }

@@ -321,11 +321,16 @@ pub fn render_metrics(pipelines: &[(String, Arc<Stats>)]) -> String {
         }
     }
     type Hist = fn(&Stats) -> &logflow_core::stats::Histogram;
-    let histograms: [(&str, &str, Hist); 7] = [
+    let histograms: [(&str, &str, Hist); 8] = [
         (
             "logflow_source_ack_lag_seconds",
             "Publish to ack time of acked messages.",
             |s| &s.ack_lag,
+        ),
+        (
+            "logflow_source_held_seconds",
+            "Receipt to ack time of acked messages (how long the worker held them).",
+            |s| &s.held_for,
         ),
         (
             "logflow_archive_flush_seconds",
@@ -407,6 +412,7 @@ mod tests {
         assert!(text.contains("logflow_source_outstanding_messages{pipeline=\"http\"} 1\n"));
         assert!(text.contains("logflow_source_outstanding_bytes{pipeline=\"http\"} 100\n"));
         assert!(text.contains("# TYPE logflow_source_ack_lag_seconds histogram"));
+        assert!(text.contains("# TYPE logflow_source_held_seconds histogram"));
         assert!(text.contains(
             "logflow_deadletter_messages_by_class_total{pipeline=\"http\",class=\"invalid_protobuf\"} 5\n"
         ));

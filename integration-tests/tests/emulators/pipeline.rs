@@ -321,6 +321,7 @@ async fn every_message_lands(write_api: &str) {
             "{name}: {snap:?}"
         );
         assert_eq!(stats.ack_lag.snapshot().count, snap.acked, "{name}");
+        assert_eq!(stats.held_for.snapshot().count, snap.acked, "{name}");
         assert!(stats.archive_flush.snapshot().count >= 1, "{name}");
         assert!(stats.insert_flush.snapshot().count >= 1, "{name}");
         // Batch sizes add up to what was written (no write failed here).
@@ -346,6 +347,7 @@ async fn every_message_lands(write_api: &str) {
                 snap.dead_lettered,
             ),
             ("logflow_source_ack_lag_seconds_count", snap.acked),
+            ("logflow_source_held_seconds_count", snap.acked),
         ] {
             let line = format!("{metric}{{pipeline=\"{name}\"}} {want}\n");
             assert!(text.contains(&line), "missing {line:?} in\n{text}");
