@@ -324,6 +324,7 @@ async fn main() -> anyhow::Result<()> {
     let max_rss = field(&last, "max_rss_bytes").context("rss in the exit line")?;
     let allocations = field(&last, "allocations");
     let minor_faults = field(&last, "minor_faults");
+    let peak_heap = field(&last, "peak_heap_bytes");
 
     // Every message accounted for, exactly.
     let lost_archive = all.iter().filter(|id| !acc.archived.contains(*id)).count();
@@ -389,6 +390,7 @@ async fn main() -> anyhow::Result<()> {
         "worker_vm_hwm_mib": vm_hwm_kib as f64 / 1024.0,
         "worker_allocations_per_message": allocations.map(|a| a / n as f64),
         "worker_minor_faults_per_message": minor_faults.map(|f| f / n as f64),
+        "worker_peak_heap_mib": peak_heap.map(|b| b / 1048576.0),
         "peak_outstanding_seen": peak_outstanding,
         "received": received,
         "redelivered_extra": received.saturating_sub(total),

@@ -77,9 +77,9 @@ impl ArchiveFormat {
     }
 
     /// [`ArchiveFormat::encode`], building the payload column in `scratch`'s memory and leaving
-    /// it there for the next batch. A stage that encodes one batch after another keeps one
-    /// scratch: a batch's payloads are tens of MiB, and fresh memory of that size costs a
-    /// page fault per 4 KiB every time (≈ 5 % of the worker's CPU on ≈ 1 KiB messages).
+    /// it there for the next slice and batch. A stage that encodes one batch after another
+    /// keeps one scratch, so the payload column is built in the same MiB of warm memory again
+    /// and again (fresh memory costs a page fault per 4 KiB).
     pub fn encode_reusing<'a>(
         self,
         records: impl ExactSizeIterator<Item = &'a Record> + Clone,
@@ -101,15 +101,15 @@ pub struct EncodeScratch {
 }
 
 impl EncodeScratch {
-    /// Takes the buffer for a batch of `len` payload bytes, empty. A buffer too small is
+    /// Takes the buffer for a slice of `len` payload bytes, empty. A buffer too small is
     /// replaced by one with a quarter of headroom (not grown: its contents are not needed,
-    /// and batch sizes vary by a few percent, so growing to the exact size would replace it
-    /// again and again). Memory well beyond what the batch needs is returned to the
-    /// allocator, so that one unusually large batch does not stay resident.
+    /// and slice sizes vary by a record or so, so growing to the exact size would replace it
+    /// again and again). Memory well beyond what a slice needs is returned to the allocator,
+    /// so that one unusually large record does not stay resident.
     fn take(&mut self, len: usize) -> Vec<u8> {
         let mut v = std::mem::take(&mut self.data);
         v.clear();
-        if v.capacity() < len || v.capacity() > len.saturating_mul(3).max(1 << 20) {
+        if v.capacity() < len || v.capacity() > len.saturating_mul(3).max(2 * SLICE_BYTES) {
             v = Vec::new(); // the old buffer is freed before the new one is taken
             v.reserve_exact(len.saturating_add(len / 4));
         }
@@ -162,6 +162,13 @@ pub fn schema() -> SchemaRef {
     ]))
 }
 
+/// How much payload the Parquet writer is handed at a time. The writer encodes each slice into
+/// its pages before taking the next, so only one slice of the batch is ever copied into an
+/// Arrow array: about a MiB instead of the whole batch (tens of MiB, the largest single
+/// allocation of the worker), and still in cache when the writer reads it. The file is the
+/// same either way: one row group, pages cut by size.
+const SLICE_BYTES: usize = 1 << 20;
+
 /// Encodes a batch of records as one Parquet file. CPU-bound: call from a blocking task.
 fn encode_parquet<'a>(
     records: impl ExactSizeIterator<Item = &'a Record> + Clone,
@@ -169,11 +176,75 @@ fn encode_parquet<'a>(
     level: i32,
     scratch: &mut EncodeScratch,
 ) -> Result<Bytes, GcsError> {
-    let n = records.len();
     let data_bytes: usize = records.clone().map(|r| r.data.len()).sum();
+    let mut remaining = records.len();
+    let mut records = records;
+    let mut schema = None;
+    let mut next_slice = |remaining: &mut usize, scratch: &mut EncodeScratch| {
+        let (n, bytes) = slice_len(records.clone(), *remaining);
+        *remaining -= n;
+        slice_batch(
+            records.by_ref().take(n),
+            (n, bytes),
+            subscription,
+            &mut schema,
+            scratch,
+        )
+    };
+    let fmt = |e: parquet::errors::ParquetError| GcsError::Format(e.to_string());
+    let mut buf = Vec::with_capacity(data_bytes / 2 + 4096);
+    // The first slice gives the writer its schema (an empty batch, for an empty file).
+    let first = next_slice(&mut remaining, scratch)?;
+    let mut writer =
+        ArrowWriter::try_new(&mut buf, first.0.schema(), Some(archive_properties(level)?))
+            .map_err(fmt)?;
+    let mut slice = Some(first);
+    loop {
+        let (batch, values) = match slice.take() {
+            Some(s) => s,
+            None => next_slice(&mut remaining, scratch)?,
+        };
+        writer.write(&batch).map_err(fmt)?;
+        // The writer has encoded the slice: its payload buffer serves the next one.
+        drop(batch);
+        scratch.put_back(values);
+        if remaining == 0 {
+            break;
+        }
+    }
+    writer.close().map_err(fmt)?;
+    Ok(Bytes::from(buf))
+}
+
+/// How many of the next `remaining` records make a slice, and their payload bytes: at least
+/// one record, then up to [`SLICE_BYTES`] of payload.
+fn slice_len<'a>(records: impl Iterator<Item = &'a Record>, remaining: usize) -> (usize, usize) {
+    let mut bytes = 0;
+    let mut n = 0;
+    for r in records.take(remaining) {
+        if n > 0 && bytes + r.data.len() > SLICE_BYTES {
+            break;
+        }
+        bytes += r.data.len();
+        n += 1;
+    }
+    (n, bytes)
+}
+
+/// One slice of records (`n` of them, with `data_bytes` of payload) as an Arrow record batch
+/// of the archive schema, its payload column built in `scratch`'s memory (returned, to be
+/// given back once the batch is written). `schema`: the schema of the first slice, reused by
+/// the next ones.
+fn slice_batch<'a>(
+    records: impl Iterator<Item = &'a Record>,
+    (n, data_bytes): (usize, usize),
+    subscription: &str,
+    schema: &mut Option<SchemaRef>,
+    scratch: &mut EncodeScratch,
+) -> Result<(RecordBatch, arrow::buffer::Buffer), GcsError> {
     if i32::try_from(data_bytes).is_err() {
         return Err(GcsError::Format(format!(
-            "an archive batch holds at most 2 GiB of payload, this one {data_bytes} bytes"
+            "an archive record holds at most 2 GiB of payload, this one {data_bytes} bytes"
         )));
     }
     let mut ids = StringBuilder::with_capacity(n, n * 20);
@@ -208,7 +279,6 @@ fn encode_parquet<'a>(
         values.clone(),
         None,
     );
-    let schema = schema();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(ids.finish()),
         Arc::new(TimestampMicrosecondArray::from(times).with_timezone("UTC")),
@@ -218,20 +288,19 @@ fn encode_parquet<'a>(
         Arc::new(attempts.finish()),
         Arc::new(data),
     ];
-    // The map builder names its fields itself; take its type as the schema's.
-    let fields: Vec<Field> = schema
-        .fields()
-        .iter()
-        .zip(&columns)
-        .map(|(f, c)| Field::new(f.name(), c.data_type().clone(), f.is_nullable()))
-        .collect();
-    let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(Arc::clone(&schema), columns)
+    let schema = schema.get_or_insert_with(|| {
+        // The map builder names its fields itself; take its type as the schema's.
+        let fields: Vec<Field> = self::schema()
+            .fields()
+            .iter()
+            .zip(&columns)
+            .map(|(f, c)| Field::new(f.name(), c.data_type().clone(), f.is_nullable()))
+            .collect();
+        Arc::new(Schema::new(fields))
+    });
+    let batch = RecordBatch::try_new(Arc::clone(schema), columns)
         .map_err(|e| GcsError::Format(e.to_string()))?;
-    let file = archive_parquet_file(&batch, data_bytes / 2 + 4096, level);
-    drop(batch);
-    scratch.put_back(values);
-    file
+    Ok((batch, values))
 }
 
 /// The default zstd level of archive objects, chosen by measurement on the sample mix
@@ -244,15 +313,11 @@ pub const ZSTD_LEVEL: i32 = 3;
 /// The zstd levels accepted in the configuration (above 19 is slow and memory-hungry).
 pub const ZSTD_LEVELS: std::ops::RangeInclusive<i32> = 1..=19;
 
-/// One raw-archive batch as a zstd-compressed Parquet file. Only `message_id` and
+/// The writer properties of raw-archive files: zstd at `level`. Only `message_id` and
 /// `publish_time` get min/max statistics (per column chunk), the columns readers prune on:
 /// per-page statistics of every column cost ~20 % of the encoding time (mostly comparing
 /// payload bytes) for nothing a reader uses.
-fn archive_parquet_file(
-    batch: &RecordBatch,
-    capacity: usize,
-    level: i32,
-) -> Result<Bytes, GcsError> {
+fn archive_properties(level: i32) -> Result<WriterProperties, GcsError> {
     let props = WriterProperties::builder()
         .set_statistics_enabled(EnabledStatistics::None)
         .set_column_statistics_enabled("message_id".into(), EnabledStatistics::Chunk)
@@ -261,26 +326,24 @@ fn archive_parquet_file(
         // encoded twice before the writer falls back to plain).
         .set_column_dictionary_enabled("message_id".into(), false)
         .set_column_dictionary_enabled("data".into(), false);
-    write_parquet(batch, capacity, level, props)
+    with_zstd(props, level)
+}
+
+fn with_zstd(
+    props: parquet::file::properties::WriterPropertiesBuilder,
+    level: i32,
+) -> Result<WriterProperties, GcsError> {
+    Ok(props
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(level).map_err(|e| GcsError::Format(e.to_string()))?,
+        ))
+        .build())
 }
 
 /// One record batch as a zstd-compressed Parquet file, with default statistics (the parsed
 /// output, whose columns readers filter on).
 pub fn parquet_file(batch: &RecordBatch, capacity: usize, level: i32) -> Result<Bytes, GcsError> {
-    write_parquet(batch, capacity, level, WriterProperties::builder())
-}
-
-fn write_parquet(
-    batch: &RecordBatch,
-    capacity: usize,
-    level: i32,
-    props: parquet::file::properties::WriterPropertiesBuilder,
-) -> Result<Bytes, GcsError> {
-    let props = props
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(level).map_err(|e| GcsError::Format(e.to_string()))?,
-        ))
-        .build();
+    let props = with_zstd(WriterProperties::builder(), level)?;
     let mut buf = Vec::with_capacity(capacity);
     let mut writer = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
         .map_err(|e| GcsError::Format(e.to_string()))?;
@@ -557,6 +620,62 @@ mod tests {
         };
         assert_eq!(records_of(file), first);
         assert_eq!(records_of(file2), second);
+    }
+
+    #[test]
+    fn a_batch_is_written_in_slices_into_one_row_group_and_reads_back_exactly() {
+        // ≈ 3.7 MiB of payload in records of every size: several slices, one of them a
+        // record larger than a slice by itself.
+        let sizes = [
+            300_000, 5, 0, 700_000, 1_500_000, 1, 900_000, 48_576, 250_000,
+        ];
+        let records: Vec<Record> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let mut r = record(i as u8);
+                r.data = Bytes::from(
+                    (0..len)
+                        .map(|b| (b % 251) as u8 ^ i as u8)
+                        .collect::<Vec<u8>>(),
+                );
+                r
+            })
+            .collect();
+        let total: usize = sizes.iter().sum();
+        assert!(total > 3 * SLICE_BYTES);
+        let mut scratch = EncodeScratch::default();
+        let file = ArchiveFormat::Parquet
+            .encode_reusing(records.iter(), "s", 3, &mut scratch)
+            .unwrap();
+        // The payload column was built a slice at a time, never the whole batch at once: the
+        // buffer fits the largest slice (here the one large record) and its headroom.
+        let largest = *sizes.iter().max().unwrap();
+        assert!(
+            scratch.data.capacity() <= largest.max(SLICE_BYTES) * 5 / 4,
+            "{} for a batch of {total}",
+            scratch.data.capacity()
+        );
+        let meta = parquet::file::reader::FileReader::metadata(
+            &parquet::file::serialized_reader::SerializedFileReader::new(file.clone()).unwrap(),
+        )
+        .clone();
+        assert_eq!(meta.num_row_groups(), 1);
+        assert_eq!(meta.file_metadata().num_rows(), sizes.len() as i64);
+        let back: Vec<Record> = decode(file)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.record)
+            .collect();
+        assert_eq!(back, records);
+    }
+
+    #[test]
+    fn an_empty_batch_is_an_empty_file() {
+        let file = ArchiveFormat::Parquet
+            .encode(std::iter::empty::<&Record>(), "s", 3)
+            .unwrap();
+        assert!(decode(file).unwrap().is_empty());
     }
 
     #[test]

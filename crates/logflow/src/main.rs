@@ -584,6 +584,7 @@ fn finish(r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Resu
         max_rss_bytes = u.max_rss_bytes,
         minor_faults = u.minor_faults,
         allocations = u.allocations,
+        peak_heap_bytes = u.peak_heap_bytes,
         "worker stopped cleanly"
     );
     Ok(ExitCode::SUCCESS)

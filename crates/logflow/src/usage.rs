@@ -1,5 +1,6 @@
 //! What the process has used so far: CPU time, peak memory and page faults from the kernel
-//! (`getrusage`), and, when built with the `count-allocs` feature, heap allocations.
+//! (`getrusage`), and, when built with the `count-allocs` feature, heap allocations and the
+//! most heap memory in use at once.
 //! `logflow run` logs it at exit; the end-to-end benchmark reads that line.
 //!
 //! Also caps glibc's malloc arenas ([`limit_malloc_arenas`]).
@@ -21,6 +22,10 @@ pub struct Usage {
     pub minor_faults: u64,
     /// Heap allocations (only counted with the `count-allocs` feature).
     pub allocations: Option<u64>,
+    /// The most bytes the program had allocated on the heap at once (only with the
+    /// `count-allocs` feature). What peak RSS holds beyond it is the allocator's (freed memory
+    /// it kept, fragmentation), thread stacks and the binary.
+    pub peak_heap_bytes: Option<u64>,
 }
 
 /// Reads this process's usage.
@@ -41,6 +46,7 @@ pub fn current() -> Usage {
         },
         minor_faults: if ok { ru.ru_minflt.max(0) as u64 } else { 0 },
         allocations: allocations(),
+        peak_heap_bytes: peak_heap_bytes(),
     }
 }
 
@@ -82,8 +88,18 @@ fn allocations() -> Option<u64> {
     None
 }
 
-/// The system allocator, counting allocations (for benchmarks: one relaxed atomic add per
-/// allocation).
+#[cfg(feature = "count-allocs")]
+fn peak_heap_bytes() -> Option<u64> {
+    Some(counting::PEAK_BYTES.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+#[cfg(not(feature = "count-allocs"))]
+fn peak_heap_bytes() -> Option<u64> {
+    None
+}
+
+/// The system allocator, counting allocations and the bytes in use (for benchmarks: two
+/// relaxed atomic adds per allocation, one per free, and a load to follow the peak).
 #[cfg(feature = "count-allocs")]
 pub mod counting {
     use std::alloc::{GlobalAlloc, Layout, System};
@@ -91,6 +107,22 @@ pub mod counting {
 
     /// Allocations (and reallocations) since start.
     pub static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+    /// Bytes allocated and not yet freed (as requested, without the allocator's overhead).
+    pub static IN_USE: AtomicU64 = AtomicU64::new(0);
+    /// The most of [`IN_USE`] seen at once.
+    pub static PEAK_BYTES: AtomicU64 = AtomicU64::new(0);
+
+    fn grew(by: usize) {
+        let now = IN_USE.fetch_add(by as u64, Ordering::Relaxed) + by as u64;
+        // A plain load first: the peak only moves at a new high.
+        if now > PEAK_BYTES.load(Ordering::Relaxed) {
+            PEAK_BYTES.fetch_max(now, Ordering::Relaxed);
+        }
+    }
+
+    fn shrank(by: usize) {
+        IN_USE.fetch_sub(by as u64, Ordering::Relaxed);
+    }
 
     /// Counts, then delegates to [`System`].
     #[derive(Debug)]
@@ -101,19 +133,37 @@ pub mod counting {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
             // SAFETY: forwarded contract.
-            unsafe { System.alloc(layout) }
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                grew(layout.size());
+            }
+            p
         }
         unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
             // SAFETY: forwarded contract.
-            unsafe { System.alloc_zeroed(layout) }
+            let p = unsafe { System.alloc_zeroed(layout) };
+            if !p.is_null() {
+                grew(layout.size());
+            }
+            p
         }
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
             // SAFETY: forwarded contract.
-            unsafe { System.realloc(ptr, layout, new_size) }
+            let p = unsafe { System.realloc(ptr, layout, new_size) };
+            // On failure the old block stays allocated: nothing changed.
+            if !p.is_null() {
+                if new_size >= layout.size() {
+                    grew(new_size - layout.size());
+                } else {
+                    shrank(layout.size() - new_size);
+                }
+            }
+            p
         }
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            shrank(layout.size());
             // SAFETY: forwarded contract.
             unsafe { System.dealloc(ptr, layout) }
         }
