@@ -98,9 +98,27 @@ impl ArchiveFormat {
 #[derive(Debug, Default)]
 pub struct EncodeScratch {
     data: Vec<u8>,
+    /// The last object's bytes per payload byte, if its batch was large enough to tell.
+    last_ratio: Option<f64>,
 }
 
 impl EncodeScratch {
+    /// The memory to reserve for the object of a batch of `data_bytes` of payload: the last
+    /// object's size per payload byte (batches of one subscription compress alike) with an
+    /// eighth of headroom, or half the payload before there is one. An object that outgrows
+    /// it costs one copy; reserving far more than it needs keeps memory resident for nothing.
+    fn object_capacity(&self, data_bytes: usize) -> usize {
+        let ratio = self.last_ratio.map_or(0.5, |r| r * 1.125);
+        (data_bytes as f64 * ratio) as usize + (64 << 10)
+    }
+
+    fn object_written(&mut self, data_bytes: usize, object_bytes: usize) {
+        // Below a slice of payload, the file's fixed metadata dominates its size.
+        if data_bytes >= SLICE_BYTES {
+            self.last_ratio = Some(object_bytes as f64 / data_bytes as f64);
+        }
+    }
+
     /// Takes the buffer for a slice of `len` payload bytes, empty. A buffer too small is
     /// replaced by one with a quarter of headroom (not grown: its contents are not needed,
     /// and slice sizes vary by a record or so, so growing to the exact size would replace it
@@ -192,7 +210,7 @@ fn encode_parquet<'a>(
         )
     };
     let fmt = |e: parquet::errors::ParquetError| GcsError::Format(e.to_string());
-    let mut buf = Vec::with_capacity(data_bytes / 2 + 4096);
+    let mut buf = Vec::with_capacity(scratch.object_capacity(data_bytes));
     // The first slice gives the writer its schema (an empty batch, for an empty file).
     let first = next_slice(&mut remaining, scratch)?;
     let mut writer =
@@ -213,6 +231,7 @@ fn encode_parquet<'a>(
         }
     }
     writer.close().map_err(fmt)?;
+    scratch.object_written(data_bytes, buf.len());
     Ok(Bytes::from(buf))
 }
 
@@ -661,6 +680,13 @@ mod tests {
         )
         .clone();
         assert_eq!(meta.num_row_groups(), 1);
+        // The next object of this stream is expected at this one's size, with headroom.
+        let next = scratch.object_capacity(total);
+        assert!(
+            next >= file.len() && next <= file.len() * 5 / 4 + (64 << 10),
+            "{next} reserved after a {}-byte object",
+            file.len()
+        );
         assert_eq!(meta.file_metadata().num_rows(), sizes.len() as i64);
         let back: Vec<Record> = decode(file)
             .unwrap()
@@ -702,6 +728,7 @@ mod tests {
     fn a_scratch_does_not_keep_far_more_memory_than_a_batch_needs() {
         let mut scratch = EncodeScratch {
             data: Vec::with_capacity(64 << 20),
+            last_ratio: None,
         };
         let records: Vec<Record> = (0..3).map(record).collect();
         ArchiveFormat::Parquet

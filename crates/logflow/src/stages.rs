@@ -301,10 +301,12 @@ pub async fn decode_stage(
     // Rows are about twice the payload size in JSON; insert_all splits on the real size.
     let estimate = |e: &Envelope| e.record.data.len() * 2 + 256;
     let mut rx = BurstBatcher::new(rx);
+    let mut sizing = RowSizing::default();
     while let Some(batch) = rx.next_batch(&limits, estimate).await {
         let c = Arc::clone(&ctx);
-        let (row_batches, dead) =
-            tokio::task::spawn_blocking(move || encode_rows(&c, batch)).await?;
+        let (row_batches, dead, learned) =
+            tokio::task::spawn_blocking(move || encode_rows(&c, batch, sizing)).await?;
+        sizing = learned;
         for rows in row_batches {
             ctx.stats.add(&ctx.stats.decoded, rows.envs.len() as u64);
             if insert_tx.send(rows).await.is_err() {
@@ -320,10 +322,47 @@ pub async fn decode_stage(
     Ok(())
 }
 
-fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (Vec<RowBatch>, Vec<DeadItem>) {
+/// Bytes of row JSON per payload byte, learned from the batches before (in 1/1024ths), so
+/// that a batch's row buffer is reserved near its size: too small costs a copy as it grows,
+/// too large keeps memory resident for nothing while the rows wait for BigQuery.
+#[derive(Debug, Clone, Copy)]
+struct RowSizing(u32);
+
+impl Default for RowSizing {
+    fn default() -> Self {
+        // Before any batch: twice the payload (six metadata columns, JSON's quoting).
+        RowSizing(2 << 10)
+    }
+}
+
+impl RowSizing {
+    /// The buffer to reserve for the rows of `messages` messages with `payload` bytes.
+    fn reserve(self, payload: usize, messages: usize) -> usize {
+        // An eighth of headroom, and a little per row for rows of empty payloads.
+        payload * self.0 as usize / 1024 * 9 / 8 + messages * 64
+    }
+
+    fn learn(payload: usize, rows: usize) -> Option<RowSizing> {
+        // Clamped, so that one odd batch (say, nearly all dead-lettered) does not mislead the
+        // next one far.
+        (payload >= 4096).then(|| RowSizing(((rows * 1024 / payload) as u32).clamp(512, 16 << 10)))
+    }
+}
+
+fn encode_rows(
+    ctx: &StageContext,
+    batch: Vec<Envelope>,
+    sizing: RowSizing,
+) -> (Vec<RowBatch>, Vec<DeadItem>, RowSizing) {
     let now = logflow_core::time::now_micros();
     let payload: usize = batch.iter().map(|e| e.record.data.len()).sum();
-    let (rows_cap, bytes_cap) = (batch.len(), payload * 2 + batch.len() * 256);
+    let rows_cap = batch.len();
+    // Payload bytes of the messages not yet seen: a table met later in a batch of several
+    // types reserves for what is left of the batch, not for all of it.
+    let mut payload_left = payload;
+    let mut seen = 0;
+    // Payload bytes that became rows.
+    let mut encoded = 0;
     // Usually one type per batch, so one RowBatch.
     let mut out: Vec<RowBatch> = Vec::with_capacity(1);
     let mut dead = Vec::new();
@@ -331,6 +370,8 @@ fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (Vec<RowBatch>, Vec<
     let router = ctx.router.current();
     for env in batch {
         let r = &env.record;
+        payload_left -= r.data.len();
+        seen += 1;
         let route = match router.route(r) {
             Ok(route) => route,
             Err(no) => {
@@ -347,11 +388,12 @@ fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (Vec<RowBatch>, Vec<
         let i = match out.iter().position(|b| Arc::ptr_eq(&b.route, &route)) {
             Some(i) => i,
             None => {
+                let left = rows_cap - seen + 1;
                 out.push(RowBatch {
                     route: Arc::clone(&route),
-                    envs: Vec::with_capacity(rows_cap),
-                    buf: Vec::with_capacity(bytes_cap),
-                    ends: Vec::with_capacity(rows_cap),
+                    envs: Vec::with_capacity(left),
+                    buf: Vec::with_capacity(sizing.reserve(payload_left + r.data.len(), left)),
+                    ends: Vec::with_capacity(left),
                 });
                 out.len() - 1
             }
@@ -367,6 +409,7 @@ fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (Vec<RowBatch>, Vec<
         match route.encoder.encode(&meta, &r.data, &mut rows.buf) {
             Ok(()) => {
                 rows.ends.push(rows.buf.len());
+                encoded += r.data.len();
                 rows.envs.push(env);
             }
             Err(e) => dead.push(DeadItem {
@@ -381,7 +424,9 @@ fn encode_rows(ctx: &StageContext, batch: Vec<Envelope>) -> (Vec<RowBatch>, Vec<
         }
     }
     out.retain(|b| !b.envs.is_empty());
-    (out, dead)
+    let rows: usize = out.iter().map(|b| b.buf.len()).sum();
+    let learned = RowSizing::learn(encoded, rows).unwrap_or(sizing);
+    (out, dead, learned)
 }
 
 /// Inserts rows into BigQuery, `concurrency` requests at a time, gathering each table's rows
@@ -760,6 +805,23 @@ async fn write_parsed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_buffers_are_reserved_from_the_sizes_of_the_batches_before() {
+        // A batch of 500 messages of 1,000 bytes became 820,000 bytes of rows.
+        let learned = RowSizing::learn(500_000, 820_000).unwrap();
+        // The next batch like it fits in its reservation, with at most an eighth to spare
+        // (and the small per-row allowance).
+        let r = learned.reserve(500_000, 500);
+        assert!((820_000..=820_000 * 9 / 8 + 500 * 64).contains(&r), "{r}");
+        // Too little payload to tell: the sizing stays as it was.
+        assert!(RowSizing::learn(100, 10_000).is_none());
+        // A batch of empty rows, or of enormous ones, moves the estimate only so far.
+        let low = RowSizing::learn(1 << 20, 0).unwrap();
+        let high = RowSizing::learn(1 << 20, 1 << 30).unwrap();
+        assert_eq!(low.reserve(1 << 20, 0), (1 << 20) / 2 * 9 / 8);
+        assert_eq!(high.reserve(1 << 20, 0), (1 << 20) * 16 * 9 / 8);
+    }
 
     fn route(ty: &str) -> Arc<Route> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
