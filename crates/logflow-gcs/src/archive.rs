@@ -100,9 +100,6 @@ pub struct EncodeScratch {
     data: Vec<u8>,
     /// The last object's bytes per payload byte, if its batch was large enough to tell.
     last_ratio: Option<f64>,
-    /// An uploaded object's memory, given back for the next object (see
-    /// [`EncodeScratch::reuse_object`]).
-    object: Vec<u8>,
 }
 
 impl EncodeScratch {
@@ -113,31 +110,6 @@ impl EncodeScratch {
     fn object_capacity(&self, data_bytes: usize) -> usize {
         let ratio = self.last_ratio.map_or(0.5, |r| r * 1.125);
         (data_bytes as f64 * ratio) as usize + (64 << 10)
-    }
-
-    /// The buffer for the object of a batch of `data_bytes` of payload: the memory of the last
-    /// object if it was given back and fits (a few percent short is fine: the estimate has an
-    /// eighth of headroom), else fresh memory.
-    fn take_object(&mut self, data_bytes: usize) -> Vec<u8> {
-        let want = self.object_capacity(data_bytes);
-        let mut v = std::mem::take(&mut self.object);
-        v.clear();
-        if v.capacity() < want / 8 * 7 || v.capacity() > want.saturating_mul(2) {
-            v = Vec::with_capacity(want); // the old buffer is freed before the new one is taken
-        }
-        v
-    }
-
-    /// Gives back a Parquet object this scratch encoded, once its upload is over: if nothing
-    /// else refers to it any more, its memory holds the next object. An object is several MiB,
-    /// and writing it into fresh memory costs a page fault per 4 KiB (≈ 1 % of the worker's
-    /// CPU in perf). If something still refers to it, it is left alone.
-    pub fn reuse_object(&mut self, object: Bytes) {
-        if let Ok(mut m) = object.try_into_mut() {
-            // Emptied first, so that turning it into a `Vec` copies nothing.
-            m.clear();
-            self.object = Vec::from(m);
-        }
     }
 
     fn object_written(&mut self, data_bytes: usize, object_bytes: usize) {
@@ -238,7 +210,7 @@ fn encode_parquet<'a>(
         )
     };
     let fmt = |e: parquet::errors::ParquetError| GcsError::Format(e.to_string());
-    let mut buf = scratch.take_object(data_bytes);
+    let mut buf = Vec::with_capacity(scratch.object_capacity(data_bytes));
     // The first slice gives the writer its schema (an empty batch, for an empty file).
     let first = next_slice(&mut remaining, scratch)?;
     let mut writer =
@@ -725,55 +697,6 @@ mod tests {
     }
 
     #[test]
-    fn an_uploaded_object_given_back_holds_the_next_one_unless_still_referred_to() {
-        let batch = |from: u8| -> Vec<Record> {
-            (from..from + 40)
-                .map(|i| {
-                    // Bytes that do not compress, so that every object is about the same size.
-                    let mut x = u64::from(i) + 1;
-                    let mut r = record(i);
-                    r.data = (0..50_000)
-                        .map(|_| {
-                            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                            (x >> 56) as u8
-                        })
-                        .collect();
-                    r
-                })
-                .collect()
-        };
-        let (first, second, third) = (batch(0), batch(40), batch(80));
-        let mut scratch = EncodeScratch::default();
-        let encode = |records: &[Record], scratch: &mut EncodeScratch| {
-            ArchiveFormat::Parquet
-                .encode_reusing(records.iter(), "s", 3, scratch)
-                .unwrap()
-        };
-        let file = encode(&first, &mut scratch);
-        let at = file.as_ptr();
-        scratch.reuse_object(file);
-        let file2 = encode(&second, &mut scratch);
-        assert_eq!(
-            file2.as_ptr(),
-            at,
-            "the first object's memory holds the second"
-        );
-        // Still referred to (say, a retry kept a copy): not reused, and left intact.
-        let kept = file2.clone();
-        scratch.reuse_object(file2);
-        let file3 = encode(&third, &mut scratch);
-        let records_of = |file| -> Vec<Record> {
-            decode(file)
-                .unwrap()
-                .into_iter()
-                .map(|m| m.record)
-                .collect()
-        };
-        assert_eq!(records_of(kept), second);
-        assert_eq!(records_of(file3), third);
-    }
-
-    #[test]
     fn an_empty_batch_is_an_empty_file() {
         let file = ArchiveFormat::Parquet
             .encode(std::iter::empty::<&Record>(), "s", 3)
@@ -806,7 +729,6 @@ mod tests {
         let mut scratch = EncodeScratch {
             data: Vec::with_capacity(64 << 20),
             last_ratio: None,
-            object: Vec::new(),
         };
         let records: Vec<Record> = (0..3).map(record).collect();
         ArchiveFormat::Parquet

@@ -271,16 +271,11 @@ pub async fn archive_stage(
             scratch = s;
             let file = file?;
             let started = std::time::Instant::now();
-            let object = (format == ArchiveFormat::Parquet).then(|| file.clone());
             let written = out
                 .gcs
                 .put_new(&out.bucket, &name, file, format.content_type(), &ctx.stats)
                 .await;
             ctx.stats.archive_flush.observe_since(started);
-            // The upload is over: its memory can hold the next object.
-            if let Some(object) = object {
-                scratch.reuse_object(object);
-            }
             ctx.stats.archive_batch.observe_count(n as u64);
             match written {
                 Ok(()) => {
