@@ -35,6 +35,7 @@ pub fn current() -> Usage {
     // SAFETY: RUSAGE_SELF with a valid pointer.
     let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } == 0;
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let (allocations, peak_heap_bytes) = counted();
     Usage {
         user_seconds: if ok { secs(ru.ru_utime) } else { 0.0 },
         system_seconds: if ok { secs(ru.ru_stime) } else { 0.0 },
@@ -45,8 +46,8 @@ pub fn current() -> Usage {
             0
         },
         minor_faults: if ok { ru.ru_minflt.max(0) as u64 } else { 0 },
-        allocations: allocations(),
-        peak_heap_bytes: peak_heap_bytes(),
+        allocations,
+        peak_heap_bytes,
     }
 }
 
@@ -78,24 +79,19 @@ fn set_arena_max(_n: usize) -> Option<usize> {
     None
 }
 
+/// What the counting allocator measured, when built in: (allocations, peak heap bytes).
 #[cfg(feature = "count-allocs")]
-fn allocations() -> Option<u64> {
-    Some(counting::ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed))
+fn counted() -> (Option<u64>, Option<u64>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (
+        Some(counting::ALLOCATIONS.load(Relaxed)),
+        Some(counting::PEAK_BYTES.load(Relaxed)),
+    )
 }
 
 #[cfg(not(feature = "count-allocs"))]
-fn allocations() -> Option<u64> {
-    None
-}
-
-#[cfg(feature = "count-allocs")]
-fn peak_heap_bytes() -> Option<u64> {
-    Some(counting::PEAK_BYTES.load(std::sync::atomic::Ordering::Relaxed))
-}
-
-#[cfg(not(feature = "count-allocs"))]
-fn peak_heap_bytes() -> Option<u64> {
-    None
+fn counted() -> (Option<u64>, Option<u64>) {
+    (None, None)
 }
 
 /// The system allocator, counting allocations and the bytes in use (for benchmarks: two
