@@ -56,8 +56,18 @@ pub struct RowRejection {
 /// What happened to the rows of an insert: all not listed as rejected were accepted.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct InsertOutcome {
-    /// Rows refused as invalid, by index.
+    /// Rows refused as invalid, sorted by index, one entry per row.
     pub rejected: Vec<RowRejection>,
+}
+
+impl InsertOutcome {
+    /// Sorts the rejections by row and keeps the first of each row's: a response may list
+    /// several errors for one row, and callers walk the rows and the rejections in step.
+    fn settle(mut self) -> Self {
+        self.rejected.sort_by_key(|r| r.index);
+        self.rejected.dedup_by_key(|r| r.index);
+        self
+    }
 }
 
 #[derive(Deserialize)]
@@ -213,8 +223,7 @@ impl BigQuery {
                     message,
                 }));
         }
-        outcome.rejected.sort_by_key(|r| r.index);
-        Ok(outcome)
+        Ok(outcome.settle())
     }
 
     /// The project of the datasets.
@@ -286,8 +295,7 @@ impl BigQuery {
             }
             start = end;
         }
-        outcome.rejected.sort_by_key(|r| r.index);
-        Ok(outcome)
+        Ok(outcome.settle())
     }
 
     async fn send_insert(

@@ -240,3 +240,25 @@ async fn a_field_added_inside_a_record_is_patched_with_the_etag() {
     assert_eq!(names, ["a", "c", "b"], "{sent}");
     assert_eq!(request["fields"][2]["fields"][0]["name"], "x");
 }
+
+#[tokio::test]
+async fn a_row_listed_twice_is_rejected_once() {
+    // Two insertErrors entries for row 0, one for row 1: the rejections must stay in step
+    // with the rows (a repeated index would otherwise shift every later rejection).
+    let (ep, _) = fake(vec![Some((
+        200,
+        r#"{"insertErrors":[{"index":0,"errors":[{"reason":"invalid","message":"first"}]},{"index":1,"errors":[{"reason":"invalid","message":"other"}]},{"index":0,"errors":[{"reason":"invalid","message":"second"}]}]}"#,
+    ))])
+    .await;
+    let out = client(ep, 10)
+        .await
+        .insert_all("d", "t", &ROWS, &Stats::default())
+        .await
+        .unwrap();
+    let got: Vec<(usize, &str)> = out
+        .rejected
+        .iter()
+        .map(|r| (r.index, r.message.as_str()))
+        .collect();
+    assert_eq!(got, [(0, "first"), (1, "other")]);
+}
