@@ -18,6 +18,12 @@ use crate::storage_write::{ProtoRowSchema, StorageWriteClient};
 const BIGQUERY_API: &str = "https://bigquery.googleapis.com/bigquery/v2";
 /// BigQuery rejects insertAll requests over 10 MB; stay under it with room for headers.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 9 * 1024 * 1024;
+/// The largest row JSON worth sending: a row over it would not fit a request on its own (with
+/// room for the request's head and the row's `insertId`). BigQuery would refuse that request
+/// as a whole, on every redelivery, so callers dead-letter such a row instead. Rows for the
+/// Storage Write API are converted from the same JSON, and its requests have the same 10 MB
+/// limit.
+pub const MAX_ROW_BYTES: usize = DEFAULT_MAX_REQUEST_BYTES - 64 * 1024;
 /// `stopped` rows are re-sent at most this many times (they only fail when another row of the
 /// same request was invalid, which `skipInvalidRows` normally prevents).
 const MAX_STOPPED_RESENDS: usize = 3;

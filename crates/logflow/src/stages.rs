@@ -17,8 +17,8 @@ use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use logflow_bigquery::BigQuery;
 use logflow_bigquery::storage_write::ProtoRowSchema;
+use logflow_bigquery::{BigQuery, MAX_ROW_BYTES};
 use logflow_core::batch::{BurstBatcher, next_batch};
 use logflow_core::{BatchLimits, Burst, Classify, Envelope, ErrorClass, Record, Stats};
 use logflow_gcs::archive::{self, ArchiveFormat, EncodeScratch};
@@ -406,7 +406,26 @@ fn encode_rows(
             subscription: &ctx.subscription,
             ingest_time_micros: now,
         };
+        let before = rows.buf.len();
         match route.encoder.encode(&meta, &r.data, &mut rows.buf) {
+            Ok(()) if rows.buf.len() - before > MAX_ROW_BYTES => {
+                // A request of this row alone would be refused, again on every redelivery.
+                let len = rows.buf.len() - before;
+                rows.buf.truncate(before);
+                dead.push(DeadItem {
+                    env,
+                    failure: Failure {
+                        error_class: "row_too_large",
+                        error_message: format!(
+                            "its row is {len} bytes of JSON, over the {MAX_ROW_BYTES} bytes a \
+                             BigQuery request can carry (base64 `bytes` fields and escaped \
+                             control characters make rows larger than their payload)"
+                        ),
+                        message_type: route.encoder.descriptor().full_name().to_string(),
+                        descriptor_fingerprint: route.fingerprint.to_string(),
+                    },
+                });
+            }
             Ok(()) => {
                 rows.ends.push(rows.buf.len());
                 encoded += r.data.len();
@@ -821,6 +840,73 @@ mod tests {
         let high = RowSizing::learn(1 << 20, 1 << 30).unwrap();
         assert_eq!(low.reserve(1 << 20, 0), (1 << 20) / 2 * 9 / 8);
         assert_eq!(high.reserve(1 << 20, 0), (1 << 20) * 16 * 9 / 8);
+    }
+
+    #[test]
+    fn a_row_too_large_for_any_request_is_dead_lettered_and_its_batch_goes_on() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
+        let registry = logflow_schema::Registry::from_proto_dirs(&[dir]).unwrap();
+        let ctx = StageContext {
+            pipeline: "p".into(),
+            subscription: Arc::from("projects/p/subscriptions/s"),
+            router: Arc::new(
+                TypeRouter::new(registry, "acme.http.v1.HttpAccessLog", "t", None).unwrap(),
+            ),
+            stats: Arc::new(Stats::default()),
+            clustering: Vec::new(),
+        };
+        // HttpAccessLog.remote_ip (field 9, a string): small, then just over the row limit.
+        let payload = |len: usize| {
+            let mut p = vec![(9 << 3) | 2];
+            let mut n = len;
+            while n >= 0x80 {
+                p.push((n as u8) | 0x80);
+                n >>= 7;
+            }
+            p.push(n as u8);
+            p.resize(p.len() + len, b'a');
+            bytes::Bytes::from(p)
+        };
+        let env = |id: &str, data: bytes::Bytes| Envelope {
+            record: Arc::new(Record {
+                message_id: id.into(),
+                publish_time_micros: 0,
+                attributes: Vec::new(),
+                ordering_key: String::new(),
+                data,
+                delivery_attempt: None,
+            }),
+            ack: logflow_core::AckPart::detached(),
+        };
+        let batch = vec![
+            env("small-1", payload(10)),
+            env("huge", payload(MAX_ROW_BYTES)),
+            env("small-2", payload(20)),
+        ];
+        let (rows, dead, _) = encode_rows(&ctx, batch, RowSizing::default());
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].env.record.message_id, "huge");
+        assert_eq!(dead[0].failure.error_class, "row_too_large");
+        assert!(
+            dead[0]
+                .failure
+                .error_message
+                .contains(&MAX_ROW_BYTES.to_string()),
+            "{}",
+            dead[0].failure.error_message
+        );
+        // The other rows are whole, each with its own message, and nothing of the big one
+        // is left in the buffer.
+        assert_eq!(rows.len(), 1);
+        let ids: Vec<&str> = rows[0].envs.iter().map(|e| &*e.record.message_id).collect();
+        assert_eq!(ids, ["small-1", "small-2"]);
+        let mut start = 0;
+        for (i, &end) in rows[0].ends.iter().enumerate() {
+            let row: serde_json::Value = serde_json::from_slice(&rows[0].buf[start..end]).unwrap();
+            assert_eq!(row["remote_ip"].as_str().unwrap().len(), [10, 20][i]);
+            start = end;
+        }
+        assert_eq!(start, rows[0].buf.len());
     }
 
     fn route(ty: &str) -> Arc<Route> {
