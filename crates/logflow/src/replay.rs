@@ -101,12 +101,23 @@ impl ReplaySummary {
     }
 }
 
+/// An object whose messages are all decided: its name, whether every selected message
+/// landed, and whether every message of the object was selected (none outside `--since` /
+/// `--until`). Only an object replayed whole goes into the checkpoint: one replayed in part,
+/// recorded, would be skipped by a later run over a wider range.
+struct ObjectDone {
+    name: String,
+    ok: bool,
+    whole: bool,
+}
+
 /// One object's messages in flight: when the last is decided, the object is done.
 struct ObjectProgress {
     name: String,
+    whole: bool,
     remaining: AtomicUsize,
     failed: AtomicBool,
-    done: mpsc::UnboundedSender<(String, bool)>,
+    done: mpsc::UnboundedSender<ObjectDone>,
     failures: Arc<AtomicU64>,
 }
 
@@ -119,7 +130,11 @@ impl ObjectProgress {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The receiver lives until every object is decided.
             self.done
-                .send((self.name.clone(), !self.failed.load(Ordering::Acquire)))
+                .send(ObjectDone {
+                    name: self.name.clone(),
+                    ok: !self.failed.load(Ordering::Acquire),
+                    whole: self.whole,
+                })
                 .ok();
         }
     }
@@ -272,12 +287,27 @@ pub async fn replay(
                 opts.pipeline
             )
         })?;
+    if let (Some(since), Some(until)) = (opts.since, opts.until)
+        && since >= until
+    {
+        bail!("--since must be before --until: the range selects nothing");
+    }
     if let Some(t) = &opts.table {
         let (dataset, table) = t
             .split_once('.')
+            .filter(|(d, t)| !d.is_empty() && !t.is_empty() && !t.contains('.'))
             .with_context(|| format!("--table {t}: expected DATASET.TABLE"))?;
-        cfg.pipelines[i].bigquery.dataset = dataset.to_string();
-        cfg.pipelines[i].bigquery.table = table.to_string();
+        let p = &mut cfg.pipelines[i];
+        if p.type_attribute.is_some() && !table.contains(crate::routing::TYPE_PLACEHOLDER) {
+            bail!(
+                "--table {t}: pipeline {} routes messages of several types by its \
+                 type_attribute, one table per type: put {{type}} in the table name (e.g. \
+                 {dataset}.logs_{{type}})",
+                p.name
+            );
+        }
+        p.bigquery.dataset = dataset.to_string();
+        p.bigquery.table = table.to_string();
     }
     let p = cfg.pipelines[i].clone();
     let done_before = match &opts.checkpoint {
@@ -291,6 +321,24 @@ pub async fn replay(
         );
     }
     let all = list_objects(&clients, &bucket, &prefix, &opts).await?;
+    if all.is_empty() {
+        let kind = if opts.dead_letters {
+            "dead-letter (.jsonl)"
+        } else {
+            "raw-archive (.parquet, .ndjson.zst)"
+        };
+        warn!(
+            from = %opts.from,
+            "no {kind} objects found{}; if that is unexpected, check that --from names a \
+             subscription's folder (gs://BUCKET/PREFIX/SUBSCRIPTION, as the pipeline writes \
+             them) and whether --dead-letters is wanted",
+            if opts.since.is_some() || opts.until.is_some() {
+                " in the hours of --since/--until"
+            } else {
+                ""
+            }
+        );
+    }
     let mut summary = ReplaySummary {
         objects: all.len(),
         ..Default::default()
@@ -311,6 +359,22 @@ pub async fn replay(
         .await;
     }
 
+    // Opened before anything is written, so that a path that cannot be written fails now.
+    let checkpoint_file = match &opts.checkpoint {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| {
+                    format!(
+                        "--checkpoint {}: cannot open it for writing",
+                        path.display()
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let (ctx, _) = worker::prepare(
         &cfg,
         i,
@@ -343,36 +407,36 @@ pub async fn replay(
         }
         _ => None,
     };
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, bool)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<ObjectDone>();
     let failures = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
     let filtered = Arc::new(AtomicU64::new(0));
 
-    // Records completed objects as they finish (and counts them).
-    let checkpoint = opts.checkpoint.clone();
+    // Records completed objects as they finish (and counts them). A checkpoint that cannot be
+    // written fails the run at its end, after every object was sent: what landed stays, and a
+    // resumed run sends again what was not recorded.
     let recorder = tokio::spawn(async move {
-        let mut file = match &checkpoint {
-            Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("opening checkpoint {}", path.display()))?,
-            ),
-            None => None,
-        };
+        let mut file = checkpoint_file;
         let mut completed = 0usize;
-        while let Some((name, ok)) = done_rx.recv().await {
-            if !ok {
-                warn!(object = %name, "some messages of this object were not written; replay it again");
+        let mut write_error = None;
+        while let Some(done) = done_rx.recv().await {
+            if !done.ok {
+                warn!(object = %done.name, "some messages of this object were not written; replay it again");
                 continue;
             }
             completed += 1;
-            if let Some(f) = file.as_mut() {
-                writeln!(f, "{name}").context("writing the checkpoint")?;
+            if let Some(f) = file.as_mut().filter(|_| done.whole)
+                && let Err(e) = writeln!(f, "{}", done.name)
+            {
+                error!(error = %e, "cannot write the checkpoint; objects done from now on are not recorded");
+                write_error = Some(anyhow::Error::from(e).context("writing the checkpoint"));
+                file = None;
             }
         }
-        anyhow::Ok(completed)
+        match write_error {
+            Some(e) => Err(e),
+            None => Ok(completed),
+        }
     });
 
     let stats = Arc::clone(&ctx.stats);
@@ -414,6 +478,7 @@ pub async fn replay(
                 continue;
             }
         };
+        let read = records.len();
         let selected: Vec<Record> = records
             .into_iter()
             .filter(|r| {
@@ -425,12 +490,20 @@ pub async fn replay(
                 keep
             })
             .collect();
+        let whole = selected.len() == read;
         if selected.is_empty() {
-            done_tx.send((name, true)).ok();
+            done_tx
+                .send(ObjectDone {
+                    name,
+                    ok: true,
+                    whole,
+                })
+                .ok();
             continue;
         }
         let object_progress = Arc::new(ObjectProgress {
             name,
+            whole,
             remaining: AtomicUsize::new(selected.len()),
             failed: AtomicBool::new(false),
             done: done_tx.clone(),
@@ -479,10 +552,11 @@ pub async fn replay(
     }
     ticker.abort();
     progress.finish();
-    summary.completed = recorder.await??;
+    let recorded = recorder.await?;
     if let Some(e) = stage_error {
         return Err(e);
     }
+    summary.completed = recorded?;
     let s = stats.snapshot();
     summary.unreadable = unreadable.load(Ordering::Relaxed);
     summary.messages = sent.load(Ordering::Relaxed);

@@ -365,12 +365,89 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
             since: Some(now + 7_200_000_000),
             until: Some(now + 10_800_000_000),
             dry_run: true,
-            ..options("pay", from)
+            ..options("pay", from.clone())
         },
     )
     .await
     .unwrap();
     assert_eq!((empty.objects, empty.messages), (0, 0), "{empty:?}");
+
+    // A window that cuts through the objects: only the objects it holds whole are recorded,
+    // so that a later run over a wider window does not skip the rest of the others.
+    let mut objects = Vec::new();
+    for o in clients
+        .gcs
+        .list(&raw, &format!("raw/{subscription}/"))
+        .await
+        .unwrap()
+    {
+        let file = clients.gcs.get(&raw, &o.name).await.unwrap();
+        let times: Vec<i64> = archive::decode(file)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.record.publish_time_micros)
+            .collect();
+        objects.push((o.name, times));
+    }
+    let mut times: Vec<i64> = objects
+        .iter()
+        .flat_map(|(_, t)| t.iter().copied())
+        .collect();
+    times.sort_unstable();
+    let cut = times[times.len() / 2];
+    let whole: BTreeSet<String> = objects
+        .iter()
+        .filter(|(_, t)| t.iter().all(|&x| x >= cut))
+        .map(|(name, _)| name.clone())
+        .collect();
+    assert!(
+        !whole.is_empty() && whole.len() < objects.len(),
+        "the cut falls between the objects"
+    );
+    let partial_checkpoint = dir.join("partial");
+    let part = replay(
+        cfg.clone(),
+        clients.clone(),
+        ReplayOptions {
+            table: Some(format!("{dataset}.partial")),
+            checkpoint: Some(partial_checkpoint.clone()),
+            since: Some(cut),
+            ..options("pay", from.clone())
+        },
+    )
+    .await
+    .unwrap();
+    assert!(part.ok() && part.filtered_out > 0, "{part:?}");
+    let recorded: BTreeSet<String> = std::fs::read_to_string(&partial_checkpoint)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(recorded, whole);
+
+    // Refused at the start: an empty range, a checkpoint that cannot be written (before any
+    // object is sent, not at the end of the run).
+    for (bad, expected) in [
+        (
+            ReplayOptions {
+                since: Some(now),
+                until: Some(now),
+                ..options("pay", from.clone())
+            },
+            "--since must be before --until",
+        ),
+        (
+            ReplayOptions {
+                table: Some(format!("{dataset}.never")),
+                checkpoint: Some(dir.join("no-such-dir").join("checkpoint")),
+                ..options("pay", from.clone())
+            },
+            "--checkpoint",
+        ),
+    ] {
+        let e = replay(cfg.clone(), clients.clone(), bad).await.unwrap_err();
+        assert!(format!("{e:#}").contains(expected), "{e:#}");
+    }
 
     // Dead letters go through the stages again (still malformed, so dead-lettered again). The
     // path holds the original run's dead letters and the replays': every malformed message at
