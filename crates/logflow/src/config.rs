@@ -500,11 +500,32 @@ impl Config {
                     "{at}.flow_control.lease_extension: must be between 10s and 600s (Pub/Sub's ack deadline range)"
                 ));
             }
-            let worst =
-                p.archive.batch.max_age.max(p.dead_letter.batch.max_age) + self.retry.max_elapsed;
+            // The longest a message can wait for its outputs: each branch batches, then writes
+            // with retries; a row BigQuery rejects is then batched and written as a dead letter.
+            let r = self.retry.max_elapsed;
+            let mut paths = vec![
+                (
+                    "archive.batch.max_age + retry.max_elapsed",
+                    p.archive.batch.max_age + r,
+                ),
+                (
+                    "bigquery.batch.max_age + dead_letter.batch.max_age + 2 × retry.max_elapsed",
+                    p.bigquery.batch.max_age + r + p.dead_letter.batch.max_age + r,
+                ),
+            ];
+            if let Some(parsed) = &p.parsed {
+                paths.push((
+                    "parsed.batch.max_age + retry.max_elapsed",
+                    parsed.batch.max_age + r,
+                ));
+            }
+            let (path, worst) = paths
+                .into_iter()
+                .max_by_key(|(_, d)| *d)
+                .expect("at least one path");
             if fc.max_lease <= worst {
                 return Err(format!(
-                    "{at}.flow_control.max_lease ({}) must exceed the longest batch age plus retry.max_elapsed ({}), or messages would be redelivered while still being written",
+                    "{at}.flow_control.max_lease ({}) must exceed the longest a message can wait for its writes, {path} ({}), or messages would be redelivered while still being written: raise max_lease or lower those",
                     humantime::format_duration(fc.max_lease),
                     humantime::format_duration(worst)
                 ));
@@ -622,6 +643,12 @@ pipelines:
             (
                 format!("{GOOD}    flow_control: {{ max_lease: 30s }}\n"),
                 "max_lease",
+            ),
+            (
+                // Long enough for the archive (60s + 2m) but not for a row that BigQuery
+                // rejects and that then waits for its dead-letter batch (1s + 2m + 10s + 2m).
+                format!("{GOOD}    flow_control: {{ max_lease: 4m }}\n"),
+                "pipelines[0].flow_control.max_lease (4m) must exceed the longest a message can wait for its writes, bigquery.batch.max_age + dead_letter.batch.max_age + 2 × retry.max_elapsed (4m 11s)",
             ),
             (
                 GOOD.replace("project: p", "project: p\nrequest_timeout: 20m"),
