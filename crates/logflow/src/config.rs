@@ -16,7 +16,9 @@ const MIB: usize = 1024 * 1024;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// GCP project of the subscriptions and BigQuery datasets. `LOGFLOW_PROJECT` overrides it.
+    /// GCP project of the subscriptions and BigQuery datasets. `LOGFLOW_PROJECT` overrides it
+    /// (and may stand in for it: one file for several projects).
+    #[serde(default)]
     pub project: String,
     /// Where message types come from.
     pub schemas: SchemasConfig,
@@ -119,7 +121,7 @@ pub struct BigQueryConfig {
     /// Rows per request, gathered per table: at most 500 rows is BigQuery's recommendation. A
     /// row waits at most `max_age` (half of it while its decode batch fills, half while its
     /// table's request fills).
-    #[serde(default = "default_bq_batch")]
+    #[serde(default = "default_bq_batch", deserialize_with = "bq_batch")]
     pub batch: BatchLimits,
     /// insertAll requests in flight at once.
     #[serde(default = "default_bq_concurrency")]
@@ -158,7 +160,7 @@ pub struct ArchiveConfig {
     #[serde(default = "default_archive_prefix")]
     pub prefix: String,
     /// One object per batch.
-    #[serde(default = "default_archive_batch")]
+    #[serde(default = "default_archive_batch", deserialize_with = "archive_batch")]
     pub batch: BatchLimits,
     /// `parquet` (queryable in place by BigQuery external tables or DuckDB) or `ndjson_zst`
     /// (JSON Lines in a zstd frame, for `zstdcat | grep`). Replay reads both.
@@ -181,7 +183,7 @@ pub struct ParsedConfig {
     #[serde(default = "default_parsed_prefix")]
     pub prefix: String,
     /// One object per batch (and message type).
-    #[serde(default = "default_archive_batch")]
+    #[serde(default = "default_archive_batch", deserialize_with = "archive_batch")]
     pub batch: BatchLimits,
     /// zstd level of the Parquet pages, 1 to 19.
     #[serde(default = "default_zstd_level")]
@@ -198,7 +200,10 @@ pub struct DeadLetterConfig {
     #[serde(default = "default_dead_letter_prefix")]
     pub prefix: String,
     /// One object per batch.
-    #[serde(default = "default_dead_letter_batch")]
+    #[serde(
+        default = "default_dead_letter_batch",
+        deserialize_with = "dead_letter_batch"
+    )]
     pub batch: BatchLimits,
 }
 
@@ -280,6 +285,36 @@ fn default_archive_batch() -> BatchLimits {
         max_age: Duration::from_secs(60),
     }
 }
+/// A `batch` block as written: a limit it leaves out keeps its default.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchOverrides {
+    max_items: Option<usize>,
+    max_bytes: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    max_age: Option<Duration>,
+}
+
+fn batch_over<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    defaults: BatchLimits,
+) -> Result<BatchLimits, D::Error> {
+    let o = BatchOverrides::deserialize(d)?;
+    Ok(BatchLimits {
+        max_items: o.max_items.unwrap_or(defaults.max_items),
+        max_bytes: o.max_bytes.unwrap_or(defaults.max_bytes),
+        max_age: o.max_age.unwrap_or(defaults.max_age),
+    })
+}
+fn bq_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BatchLimits, D::Error> {
+    batch_over(d, default_bq_batch())
+}
+fn archive_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BatchLimits, D::Error> {
+    batch_over(d, default_archive_batch())
+}
+fn dead_letter_batch<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BatchLimits, D::Error> {
+    batch_over(d, default_dead_letter_batch())
+}
 fn default_dead_letter_batch() -> BatchLimits {
     BatchLimits {
         max_items: 5_000,
@@ -326,6 +361,11 @@ impl Config {
 
     /// Parses and validates YAML text; the error names the field.
     pub fn parse(text: &str) -> Result<Config, String> {
+        Self::parse_with_project(text, std::env::var("LOGFLOW_PROJECT").ok())
+    }
+
+    /// [`Config::parse`], with `project_env` standing for `LOGFLOW_PROJECT`.
+    fn parse_with_project(text: &str, project_env: Option<String>) -> Result<Config, String> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -336,7 +376,7 @@ impl Config {
                 format!("{path}: {inner}")
             }
         })?;
-        if let Ok(p) = std::env::var("LOGFLOW_PROJECT")
+        if let Some(p) = project_env
             && !p.is_empty()
         {
             cfg.project = p;
@@ -563,6 +603,35 @@ pipelines:
 "#;
 
     #[test]
+    fn the_project_may_come_from_the_environment_alone() {
+        let c = Config::parse_with_project(&GOOD.replace("project: p\n", ""), Some("q".into()))
+            .unwrap();
+        assert_eq!(c.project, "q");
+    }
+
+    #[test]
+    fn a_batch_block_may_set_only_some_limits() {
+        let c = Config::parse_with_project(
+            &GOOD.replace(
+                "archive: { bucket: raw }",
+                "archive: { bucket: raw, batch: { max_age: 5s } }",
+            ),
+            None,
+        )
+        .unwrap();
+        let b = c.pipelines[0].archive.batch;
+        assert_eq!(b.max_age, Duration::from_secs(5));
+        assert_eq!((b.max_items, b.max_bytes), (25_000, 32 * MIB));
+        assert!(
+            err(&GOOD.replace(
+                "archive: { bucket: raw }",
+                "archive: { bucket: raw, batch: { max_agee: 5s } }"
+            ))
+            .contains("pipelines[0].archive.batch: unknown field `max_agee`")
+        );
+    }
+
+    #[test]
     fn a_minimal_config_gets_defaults() {
         let c = Config::parse(GOOD).unwrap();
         let p = &c.pipelines[0];
@@ -581,7 +650,7 @@ pipelines:
     }
 
     fn err(yaml: &str) -> String {
-        Config::parse(yaml).unwrap_err()
+        Config::parse_with_project(yaml, None).unwrap_err()
     }
 
     #[test]
@@ -639,6 +708,10 @@ pipelines:
             (
                 format!("{GOOD}    flow_control: {{ lease_extension: 5s }}\n"),
                 "lease_extension",
+            ),
+            (
+                GOOD.replace("project: p\n", ""),
+                "project: must name the GCP project (or set LOGFLOW_PROJECT)",
             ),
             (
                 format!("{GOOD}    flow_control: {{ max_lease: 30s }}\n"),
