@@ -21,7 +21,7 @@ pub mod storage_write;
 
 pub use auth::BqAuthenticator;
 pub use client::{
-    BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES, InsertOutcome, MAX_ROW_BYTES,
+    AppendRows, BigQuery, BigQueryOptions, DEFAULT_MAX_REQUEST_BYTES, InsertOutcome, MAX_ROW_BYTES,
     RowRejection, TableStatus, build_body,
 };
 pub use error::BqError;

@@ -52,6 +52,20 @@ pub struct RowBatch {
 }
 
 impl RowBatch {
+    /// Each row with its message id: `(insertId, row JSON)`.
+    fn rows(&self) -> Vec<(&str, &[u8])> {
+        let mut start = 0;
+        self.envs
+            .iter()
+            .zip(&self.ends)
+            .map(|(e, &end)| {
+                let row = &self.buf[start..end];
+                start = end;
+                (e.record.message_id.as_str(), row)
+            })
+            .collect()
+    }
+
     /// Appends `other`'s rows (of the same route) after this batch's rows.
     fn append(&mut self, other: RowBatch) {
         let base = self.buf.len();
@@ -584,31 +598,35 @@ async fn insert_batch(
     writer_schema: Option<Arc<ProtoRowSchema>>,
     dead_tx: &mpsc::Sender<DeadItem>,
 ) -> anyhow::Result<()> {
-    let table = &*batch.route.table;
-    let mut start = 0;
-    let rows: Vec<(&str, &[u8])> = batch
-        .envs
-        .iter()
-        .zip(&batch.ends)
-        .map(|(e, &end)| {
-            let row = &batch.buf[start..end];
-            start = end;
-            (e.record.message_id.as_str(), row)
-        })
-        .collect();
     let started = std::time::Instant::now();
-    let result = match &writer_schema {
-        None => bq.insert_all(dataset, table, &rows, &ctx.stats).await,
+    let (batch, result) = match writer_schema {
+        None => {
+            let rows = batch.rows();
+            let r = bq
+                .insert_all(dataset, &batch.route.table, &rows, &ctx.stats)
+                .await;
+            drop(rows);
+            (batch, r)
+        }
         Some(schema) => {
-            bq.append_rows(dataset, table, schema, &rows, &ctx.stats)
-                .await
+            // The JSON → protobuf conversion is CPU work: off the async runtime.
+            let s = Arc::clone(&schema);
+            let (batch, encoded) = tokio::task::spawn_blocking(move || {
+                let encoded =
+                    logflow_bigquery::AppendRows::encode(&s, batch.rows().into_iter().map(|r| r.1));
+                (batch, encoded)
+            })
+            .await?;
+            let r = bq
+                .append_encoded(dataset, &batch.route.table, &schema, encoded, &ctx.stats)
+                .await;
+            (batch, r)
         }
     };
     ctx.stats.insert_flush.observe_since(started);
     ctx.stats
         .insert_batch
         .observe_count(batch.envs.len() as u64);
-    drop(rows);
     let outcome = match result {
         Ok(o) => o,
         Err(e) => return on_write_error(ctx, "bigquery insert", batch.envs.len(), e),
