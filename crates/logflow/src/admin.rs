@@ -81,13 +81,18 @@ impl Liveness {
     }
 }
 
-/// Binds `listen` and serves until the process ends. Returns the bound address.
-pub async fn serve(listen: &str, state: Arc<AdminState>) -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind(listen).await.map_err(|e| {
+/// Binds the admin endpoint's address: `run` binds it before it starts pulling, so that an
+/// address in use or invalid fails the start, not a worker already holding messages.
+pub async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(listen).await.map_err(|e| {
         anyhow::anyhow!(
             "admin_listen {listen}: cannot bind: {e} (choose a free address, e.g. 0.0.0.0:8080)"
         )
-    })?;
+    })
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until the process exits.
+pub fn serve_on(listener: TcpListener, state: Arc<AdminState>) -> anyhow::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     info!(%addr, "admin endpoint listening (/healthz, /readyz, /metrics)");
     tokio::spawn(async move {
@@ -104,6 +109,11 @@ pub async fn serve(listen: &str, state: Arc<AdminState>) -> anyhow::Result<Socke
         }
     });
     Ok(addr)
+}
+
+/// [`bind`], then [`serve_on`].
+pub async fn serve(listen: &str, state: Arc<AdminState>) -> anyhow::Result<SocketAddr> {
+    serve_on(bind(listen).await?, state)
 }
 
 async fn answer(mut conn: tokio::net::TcpStream, state: &AdminState) -> std::io::Result<()> {
@@ -536,6 +546,17 @@ mod tests {
         // Nothing held any more: alive however long it stays so.
         stats.release(10);
         assert!(live.check(&pipelines, at(99_999)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_address_in_use_is_refused_naming_the_setting() {
+        let taken = bind("127.0.0.1:0").await.unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let e = bind(&addr).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("admin_listen {addr}: cannot bind")),
+            "{e}"
+        );
     }
 
     #[tokio::test]

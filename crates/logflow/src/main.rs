@@ -538,9 +538,10 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
         info!(?endpoints, "using emulators");
     }
     let mut signals = Signals::new();
+    // Bound before anything is pulled: a bad address fails the start, not a running worker.
+    let admin_listener = logflow::admin::bind(&cfg.admin_listen).await?;
     let clients = worker::Clients::connect(&cfg, &endpoints).await?;
     let shutdown = CancellationToken::new();
-    let admin_listen = cfg.admin_listen.clone();
     let stall_after = cfg
         .pipelines
         .iter()
@@ -552,7 +553,7 @@ async fn run(config: PathBuf) -> anyhow::Result<ExitCode> {
         ready: std::sync::atomic::AtomicBool::new(true),
         liveness: logflow::admin::Liveness::new(stall_after),
     });
-    logflow::admin::serve(&admin_listen, Arc::clone(&admin)).await?;
+    logflow::admin::serve_on(admin_listener, Arc::clone(&admin))?;
     tokio::select! {
         r = &mut running.done => return finish(r),
         s = signals.next() => info!(signal = s, "shutting down: stop pulling, flush, ack"),

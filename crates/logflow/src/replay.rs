@@ -287,6 +287,14 @@ pub async fn replay(
                 opts.pipeline
             )
         })?;
+    if opts.dead_letters && opts.checkpoint.is_none() && !opts.dry_run {
+        warn!(
+            "--dead-letters without --checkpoint reads every dead letter under --from again, \
+             including those earlier replays wrote back (messages that failed again): replayed \
+             more than once, they can land twice. With --checkpoint FILE each run reads only \
+             the dead-letter objects written since the last one."
+        );
+    }
     if let (Some(since), Some(until)) = (opts.since, opts.until)
         && since >= until
     {
