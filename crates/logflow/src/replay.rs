@@ -257,6 +257,12 @@ async fn read_object(
         .collect()
 }
 
+/// How the checkpoint names an object: with its bucket, so that a checkpoint kept from one
+/// bucket does not skip the same names in another (a copy of the archive, say).
+fn object_url(bucket: &str, name: &str) -> String {
+    format!("gs://{bucket}/{name}")
+}
+
 fn read_checkpoint(path: &PathBuf) -> anyhow::Result<HashSet<String>> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(text
@@ -353,7 +359,11 @@ pub async fn replay(
     };
     let objects: Vec<ObjectInfo> = all
         .into_iter()
-        .filter(|x| !done_before.contains(&x.name))
+        .filter(|x| {
+            // Recorded as gs://BUCKET/NAME; a bare name (written by earlier versions) still
+            // counts, for any bucket.
+            !done_before.contains(&object_url(&bucket, &x.name)) && !done_before.contains(&x.name)
+        })
         .collect();
     summary.skipped = summary.objects - objects.len();
     let total_bytes: u64 = objects.iter().map(|x| x.size).sum();
@@ -423,6 +433,7 @@ pub async fn replay(
     // Records completed objects as they finish (and counts them). A checkpoint that cannot be
     // written fails the run at its end, after every object was sent: what landed stays, and a
     // resumed run sends again what was not recorded.
+    let checkpoint_bucket = bucket.clone();
     let recorder = tokio::spawn(async move {
         let mut file = checkpoint_file;
         let mut completed = 0usize;
@@ -434,7 +445,7 @@ pub async fn replay(
             }
             completed += 1;
             if let Some(f) = file.as_mut().filter(|_| done.whole)
-                && let Err(e) = writeln!(f, "{}", done.name)
+                && let Err(e) = writeln!(f, "{}", object_url(&checkpoint_bucket, &done.name))
             {
                 error!(error = %e, "cannot write the checkpoint; objects done from now on are not recorded");
                 write_error = Some(anyhow::Error::from(e).context("writing the checkpoint"));
