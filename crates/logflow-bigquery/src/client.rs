@@ -13,7 +13,7 @@ use tracing::warn;
 
 use crate::auth::BqAuthenticator;
 use crate::error::BqError;
-use crate::storage_write::{ProtoRowSchema, StorageWriteClient};
+use crate::storage_write::{MAX_APPEND_ROW_BYTES, ProtoRowSchema, StorageWriteClient};
 
 const BIGQUERY_API: &str = "https://bigquery.googleapis.com/bigquery/v2";
 /// BigQuery rejects insertAll requests over 10 MB; stay under it with room for headers.
@@ -82,6 +82,17 @@ impl AppendRows {
         for (i, json) in rows.enumerate() {
             let mut row = Vec::with_capacity(json.len());
             match schema.encode_row(json, &mut row) {
+                Ok(()) if row.len() > MAX_APPEND_ROW_BYTES => {
+                    out.outcome.rejected.push(RowRejection {
+                        index: i,
+                        reason: "invalid".into(),
+                        message: format!(
+                            "the row is {} bytes of protobuf, over the {MAX_APPEND_ROW_BYTES} \
+                             bytes an AppendRows request can carry",
+                            row.len()
+                        ),
+                    });
+                }
                 Ok(()) => {
                     out.encoded.push(row);
                     out.index.push(i);
@@ -688,6 +699,32 @@ fn transport_message(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_whose_protobuf_outgrows_a_request_is_rejected_alone() {
+        let schema = ProtoRowSchema::from_table_schema(&serde_json::json!({"fields": [
+            {"name": "xs", "type": "INT64", "mode": "REPEATED"}
+        ]}))
+        .unwrap();
+        // ≈ 5 MB of JSON (under the JSON limit), ≈ 11 MB of protobuf: each -1 is a key and a
+        // ten-byte varint.
+        let n = 1_000_000;
+        let mut big = String::from(r#"{"xs":["#);
+        big.push_str(&vec![r#""-1""#; n].join(","));
+        big.push_str("]}");
+        assert!(big.len() < MAX_ROW_BYTES);
+        let rows: [&[u8]; 3] = [br#"{"xs":["1"]}"#, big.as_bytes(), br#"{"xs":[]}"#];
+        let out = AppendRows::encode(&schema, rows.into_iter());
+        assert_eq!(out.index, [0, 2]);
+        let rejected = &out.outcome.rejected;
+        assert_eq!(rejected.len(), 1);
+        assert_eq!(rejected[0].index, 1);
+        assert!(
+            rejected[0].message.contains("bytes of protobuf, over the"),
+            "{}",
+            rejected[0].message
+        );
+    }
 
     #[test]
     fn body_is_valid_json_with_insert_ids() {

@@ -29,6 +29,11 @@ use crate::error::BqError;
 pub const STORAGE_API: &str = "https://bigquerystorage.googleapis.com";
 /// AppendRows requests must stay under 10 MB; leave room for the schema and framing.
 const MAX_APPEND_BYTES: usize = 9 * 1024 * 1024;
+/// The largest protobuf row worth sending: one over it would not fit a request on its own,
+/// and BigQuery would refuse that request whole. A row's protobuf can be larger than its JSON
+/// (each element of a repeated field carries its own key, and a negative integer takes ten
+/// bytes), so this is checked after conversion.
+pub(crate) const MAX_APPEND_ROW_BYTES: usize = MAX_APPEND_BYTES - 64 * 1024;
 /// Rows rejected only because another row of their request was invalid are re-sent at most
 /// this many times.
 const MAX_RESENDS: usize = 3;
