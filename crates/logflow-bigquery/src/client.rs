@@ -25,8 +25,12 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 9 * 1024 * 1024;
 /// limit.
 pub const MAX_ROW_BYTES: usize = DEFAULT_MAX_REQUEST_BYTES - 64 * 1024;
 /// `stopped` rows are re-sent at most this many times (they only fail when another row of the
-/// same request was invalid, which `skipInvalidRows` normally prevents).
+/// same request was invalid, which `skipInvalidRows` normally prevents), and so are rows that
+/// failed for the service's own trouble; rows still failing then fail the batch (transient:
+/// its messages are redelivered), they are not dead-lettered.
 const MAX_STOPPED_RESENDS: usize = 3;
+/// Per-row `insertErrors` reasons that say nothing about the row's data.
+const RETRYABLE_ROW_REASONS: &[&str] = &["stopped", "backendError", "internalError", "timeout"];
 
 /// How to reach BigQuery.
 #[derive(Debug, Clone)]
@@ -322,7 +326,12 @@ impl BigQuery {
                             message: format!("insertErrors index {} out of range", e.index),
                         });
                     };
-                    let invalid = e.errors.iter().find(|x| x.reason != "stopped");
+                    // A row is refused for its data unless every reason given is a retryable
+                    // one: `stopped` (another row was invalid) or the service's own trouble.
+                    let invalid = e
+                        .errors
+                        .iter()
+                        .find(|x| !RETRYABLE_ROW_REASONS.contains(&x.reason.as_str()));
                     match invalid {
                         Some(x) => outcome.rejected.push(RowRejection {
                             index: row,
@@ -344,7 +353,7 @@ impl BigQuery {
                         op: "insertAll",
                         target,
                         message: format!(
-                            "{} rows still `stopped` after {MAX_STOPPED_RESENDS} resends",
+                            "{} rows still `stopped` or failing for the service's trouble after {MAX_STOPPED_RESENDS} resends",
                             stopped.len()
                         ),
                     });

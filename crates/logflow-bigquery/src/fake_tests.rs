@@ -262,3 +262,39 @@ async fn a_row_listed_twice_is_rejected_once() {
         .collect();
     assert_eq!(got, [(0, "first"), (1, "other")]);
 }
+
+#[tokio::test]
+async fn rows_failed_by_the_service_are_resent_not_rejected() {
+    let (ep, bodies) = fake(vec![
+        Some((
+            200,
+            r#"{"insertErrors":[{"index":0,"errors":[{"reason":"backendError","message":"try again"}]},{"index":1,"errors":[{"reason":"timeout"}]}]}"#,
+        )),
+        Some((
+            200,
+            r#"{"insertErrors":[{"index":1,"errors":[{"reason":"internalError"}]}]}"#,
+        )),
+        Some((200, OK)),
+    ])
+    .await;
+    let out = client(ep, 10)
+        .await
+        .insert_all("d", "t", &ROWS, &Stats::default())
+        .await
+        .unwrap();
+    assert!(out.rejected.is_empty(), "{out:?}");
+    let bodies = bodies.lock().unwrap();
+    let ids = |i: usize| {
+        let v: serde_json::Value = serde_json::from_str(&bodies[i].1).unwrap();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["insertId"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        (ids(1), ids(2)),
+        (vec!["id-0".into(), "id-1".into()], vec!["id-1".into()])
+    );
+}
