@@ -473,6 +473,23 @@ impl BigQuery {
         })
     }
 
+    /// The table's current schema (`{"fields": [...]}`, as `tables.get` gives it), or `None`
+    /// when there is no such table.
+    pub async fn table_schema(
+        &self,
+        dataset: &str,
+        table: &str,
+    ) -> Result<Option<serde_json::Value>, BqError> {
+        let target = format!("{dataset}.{table}");
+        let url = format!(
+            "{}/projects/{}/datasets/{dataset}/tables/{table}",
+            self.base, self.options.project
+        );
+        Ok(self.get_json(&url, &target).await?.map(|(_, t)| {
+            serde_json::json!({"fields": t.pointer("/schema/fields").cloned().unwrap_or_default()})
+        }))
+    }
+
     async fn create_table(
         &self,
         dataset: &str,

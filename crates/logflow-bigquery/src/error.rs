@@ -46,6 +46,14 @@ pub enum BqError {
         /// The service's message.
         message: String,
     },
+    /// A table's schema cannot be used as it is (a column type the writer does not support).
+    #[error("bigquery: {target}: {message}")]
+    Schema {
+        /// `dataset.table`.
+        target: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// The response could not be understood.
     #[error("bigquery: {op} {target}: unexpected response: {message}")]
     Protocol {
@@ -79,6 +87,7 @@ impl BqError {
                 _ => "grpc_other",
             },
             BqError::Auth(_) => "auth",
+            BqError::Schema { .. } => "schema",
             BqError::Protocol { .. } => "protocol",
         }
     }
@@ -94,8 +103,16 @@ impl Classify for BqError {
                 _ => classify_http_status(*status),
             },
             BqError::Transport { .. } => ErrorClass::Transient,
+            // Columns just added to a table reach the Storage Write API's back ends minutes
+            // later; until then a request with them is refused this way, and will pass.
+            BqError::Grpc { code, message, .. }
+                if *code == tonic::Code::InvalidArgument
+                    && message.contains("more fields than BigQuery schema") =>
+            {
+                ErrorClass::Transient
+            }
             BqError::Grpc { code, .. } => grpc_class(*code),
-            BqError::Auth(_) => ErrorClass::Permanent,
+            BqError::Auth(_) | BqError::Schema { .. } => ErrorClass::Permanent,
             BqError::Protocol { .. } => ErrorClass::Transient,
         }
     }
@@ -167,5 +184,13 @@ mod tests {
             grpc(tonic::Code::InvalidArgument).class(),
             ErrorClass::Permanent
         );
+        // The refusal of columns a table gained a moment ago (BigQuery's wording).
+        let propagating = BqError::Grpc {
+            op: "AppendRows",
+            target: "d.t".into(),
+            code: tonic::Code::InvalidArgument,
+            message: "Input schema has more fields than BigQuery schema, extra fields: 'x'".into(),
+        };
+        assert_eq!(propagating.class(), ErrorClass::Transient);
     }
 }

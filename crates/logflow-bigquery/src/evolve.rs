@@ -2,7 +2,8 @@
 //!
 //! Only additions are made: a column missing from the table (at any depth) is added as NULLABLE
 //! or REPEATED. Nothing is dropped, retyped or made REQUIRED; a column whose type or mode differs
-//! is reported as a conflict (its rows will be rejected by BigQuery and dead-lettered, not lost).
+//! is reported as a conflict: rows that do not fit it are rejected one by one and dead-lettered,
+//! not lost (by insertAll; with the Storage Write API, by the conversion to the table's schema).
 
 use serde_json::Value;
 

@@ -506,11 +506,17 @@ pub async fn insert_stage(
                 WriteApi::InsertAll => None,
                 WriteApi::StorageWrite => Some(match writer_schemas.get(&v) {
                     Some(s) => Arc::clone(s),
-                    None => {
-                        let s = Arc::new(writer_schema(&b.route)?);
-                        writer_schemas.insert(v, Arc::clone(&s));
-                        s
-                    }
+                    None => match writer_schema(&bq, &dataset, &b.route).await {
+                        Ok(s) => {
+                            let s = Arc::new(s);
+                            writer_schemas.insert(v, Arc::clone(&s));
+                            s
+                        }
+                        Err(e) => {
+                            on_write_error(&ctx, "writer schema", b.envs.len(), e)?;
+                            continue;
+                        }
+                    },
                 }),
             };
             inflight.push(insert_batch(
@@ -550,12 +556,30 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// The Storage Write API schema of a route's rows: the table schema of its message type.
-fn writer_schema(route: &Route) -> anyhow::Result<ProtoRowSchema> {
-    let md = route.encoder.descriptor();
-    let schema = table_schema(md)?;
-    ProtoRowSchema::from_table_schema(&schema)
-        .map_err(|e| anyhow::anyhow!("writer schema of {}: {e}", md.full_name()))
+/// The Storage Write API schema of a route's rows: the table's schema as BigQuery has it now,
+/// not the one derived from the message type. Where the two conflict (a column the table
+/// keeps with another type), rows are converted to the table's type, and a row that does not
+/// fit is rejected alone and dead-lettered, as insertAll would; a request built from the
+/// message type would be refused whole, on every redelivery.
+async fn writer_schema(
+    bq: &BigQuery,
+    dataset: &str,
+    route: &Route,
+) -> Result<ProtoRowSchema, logflow_bigquery::BqError> {
+    let target = format!("{dataset}.{}", route.table);
+    let schema = bq
+        .table_schema(dataset, &route.table)
+        .await?
+        .ok_or_else(|| logflow_bigquery::BqError::Protocol {
+            // Transient: a table just created may not be visible yet.
+            op: "tables.get",
+            target: target.clone(),
+            message: "the table is not visible yet".into(),
+        })?;
+    ProtoRowSchema::from_table_schema(&schema).map_err(|e| logflow_bigquery::BqError::Schema {
+        target,
+        message: format!("no Storage Write API schema for it: {e}"),
+    })
 }
 
 /// Creates or extends the table of a message type seen for the first time.
