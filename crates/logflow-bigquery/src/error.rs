@@ -67,6 +67,15 @@ pub enum BqError {
 }
 
 impl BqError {
+    /// The table (or dataset) was not found.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            BqError::Http { status, .. } => *status == 404,
+            BqError::Grpc { code, .. } => *code == tonic::Code::NotFound,
+            _ => false,
+        }
+    }
+
     /// Why a retry happens, as a bounded metric label.
     pub fn retry_reason(&self) -> &'static str {
         match self {

@@ -479,8 +479,12 @@ pub async fn insert_stage(
     // Tables prepared (created or extended) for a schema version: a reload prepares them again.
     type Version = (Arc<str>, Arc<str>);
     let version = |r: &Route| (Arc::clone(&r.table), Arc::clone(&r.fingerprint));
-    let mut ready_tables: std::collections::HashSet<Version> = std::collections::HashSet::new();
-    ready_tables.insert(version(&ctx.router.default_route()));
+    // ... with the time they were prepared (see `SettlingTable`).
+    let mut ready_tables: HashMap<Version, std::time::Instant> = HashMap::new();
+    ready_tables.insert(
+        version(&ctx.router.default_route()),
+        std::time::Instant::now(),
+    );
     // Storage Write API: each table's writer schema, derived once per schema version.
     let mut writer_schemas: HashMap<Version, Arc<ProtoRowSchema>> = HashMap::new();
     let mut gather = Gather::new(limits);
@@ -494,14 +498,15 @@ pub async fn insert_stage(
         {
             let b: RowBatch = b;
             let v = version(&b.route);
-            if !ready_tables.contains(&v) {
+            if !ready_tables.contains_key(&v) {
                 if let Err(e) = prepare_table(&ctx, &bq, &dataset, &b.route).await {
                     // Dropping the batch nacks it: its messages come back later.
                     on_write_error(&ctx, "table preparation", b.envs.len(), e)?;
                     continue;
                 }
-                ready_tables.insert(v.clone());
+                ready_tables.insert(v.clone(), std::time::Instant::now());
             }
+            let prepared = ready_tables[&v];
             let writer_schema = match write_api {
                 WriteApi::InsertAll => None,
                 WriteApi::StorageWrite => Some(match writer_schemas.get(&v) {
@@ -524,7 +529,7 @@ pub async fn insert_stage(
                 &bq,
                 &dataset,
                 b,
-                writer_schema,
+                (writer_schema, prepared),
                 &dead_tx,
             ));
         }
@@ -619,7 +624,7 @@ async fn insert_batch(
     bq: &BigQuery,
     dataset: &str,
     batch: RowBatch,
-    writer_schema: Option<Arc<ProtoRowSchema>>,
+    (writer_schema, prepared): (Option<Arc<ProtoRowSchema>>, std::time::Instant),
     dead_tx: &mpsc::Sender<DeadItem>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
@@ -653,6 +658,9 @@ async fn insert_batch(
         .observe_count(batch.envs.len() as u64);
     let outcome = match result {
         Ok(o) => o,
+        Err(e) if SettlingTable::applies(&e, prepared, std::time::Instant::now()) => {
+            return on_write_error(ctx, "bigquery insert", batch.envs.len(), SettlingTable(e));
+        }
         Err(e) => return on_write_error(ctx, "bigquery insert", batch.envs.len(), e),
     };
     let mut rejected = outcome.rejected.into_iter().peekable();
@@ -679,6 +687,40 @@ async fn insert_batch(
     wrote(ctx);
     ctx.stats.add(&ctx.stats.inserted, accepted);
     Ok(())
+}
+
+/// A table this worker created or extended moments ago can still be reported missing (BigQuery
+/// is eventually consistent there): within [`SettlingTable::WINDOW`] of its preparation, "not
+/// found" is transient — the batch is nacked and comes back — instead of stopping the pipeline.
+#[derive(Debug)]
+struct SettlingTable(logflow_bigquery::BqError);
+
+impl SettlingTable {
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+
+    fn applies(
+        e: &logflow_bigquery::BqError,
+        prepared: std::time::Instant,
+        now: std::time::Instant,
+    ) -> bool {
+        e.is_not_found() && now.saturating_duration_since(prepared) < Self::WINDOW
+    }
+}
+
+impl Classify for SettlingTable {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Transient
+    }
+}
+
+impl std::fmt::Display for SettlingTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (the table was prepared moments ago: retried later)",
+            self.0
+        )
+    }
 }
 
 /// Writes failed messages to the dead-letter path, one JSON Lines object per batch.
@@ -882,6 +924,40 @@ mod tests {
         let high = RowSizing::learn(1 << 20, 1 << 30).unwrap();
         assert_eq!(low.reserve(1 << 20, 0), (1 << 20) / 2 * 9 / 8);
         assert_eq!(high.reserve(1 << 20, 0), (1 << 20) * 16 * 9 / 8);
+    }
+
+    #[test]
+    fn a_table_reported_missing_just_after_its_preparation_is_retried_later() {
+        let not_found = |code| logflow_bigquery::BqError::Grpc {
+            op: "AppendRows",
+            target: "d.t".into(),
+            code,
+            message: String::new(),
+        };
+        let http = |status| logflow_bigquery::BqError::Http {
+            op: "insertAll",
+            target: "d.t".into(),
+            status,
+            reason: String::new(),
+            message: String::new(),
+        };
+        let prepared = std::time::Instant::now();
+        let soon = prepared + std::time::Duration::from_secs(20);
+        let later = prepared + SettlingTable::WINDOW + std::time::Duration::from_secs(1);
+        assert!(SettlingTable::applies(&http(404), prepared, soon));
+        assert!(SettlingTable::applies(
+            &not_found(tonic::Code::NotFound),
+            prepared,
+            soon
+        ));
+        assert!(!SettlingTable::applies(&http(404), prepared, later));
+        assert!(!SettlingTable::applies(&http(403), prepared, soon));
+        assert!(!SettlingTable::applies(
+            &not_found(tonic::Code::PermissionDenied),
+            prepared,
+            soon
+        ));
+        assert_eq!(SettlingTable(http(404)).class(), ErrorClass::Transient);
     }
 
     #[test]
