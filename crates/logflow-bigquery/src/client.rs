@@ -434,7 +434,15 @@ impl BigQuery {
         );
         for _ in 0..PATCH_ATTEMPTS {
             let Some((etag, current)) = self.get_json(&url, &target).await? else {
-                return self.create_table(dataset, table, schema, clustering).await;
+                match self
+                    .create_table(dataset, table, schema.clone(), clustering)
+                    .await
+                {
+                    // Another worker created it first: read it again (a bounded number of
+                    // times: a read that still misses it counts as an attempt).
+                    Err(BqError::Http { status: 409, .. }) => continue,
+                    r => return r,
+                }
             };
             let existing = current
                 .pointer("/schema/fields")
@@ -469,7 +477,9 @@ impl BigQuery {
         Err(BqError::Protocol {
             op: "tables.patch",
             target,
-            message: format!("the table kept changing; gave up after {PATCH_ATTEMPTS} attempts"),
+            message: format!(
+                "the table kept changing (created or extended by another worker meanwhile); gave up after {PATCH_ATTEMPTS} attempts"
+            ),
         })
     }
 
@@ -518,13 +528,7 @@ impl BigQuery {
                 created: true,
                 ..TableStatus::default()
             }),
-            Err(e) => match admin_error("tables.insert", &target, e) {
-                // Another worker created it first: check it again.
-                BqError::Http { status: 409, .. } => {
-                    Box::pin(self.ensure_table(dataset, table, schema, clustering)).await
-                }
-                other => Err(other),
-            },
+            Err(e) => Err(admin_error("tables.insert", &target, e)),
         }
     }
 
