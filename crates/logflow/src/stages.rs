@@ -665,11 +665,19 @@ async fn insert_batch(
     };
     let mut rejected = outcome.rejected.into_iter().peekable();
     let mut accepted = 0;
+    let settling = SettlingTable::fresh(prepared, std::time::Instant::now());
+    let mut unseen_columns = 0;
     for (i, env) in batch.envs.into_iter().enumerate() {
         match rejected.next_if(|r| r.index == i) {
             None => {
                 accepted += 1;
                 env.ack.complete();
+            }
+            // Columns added moments ago reach the streaming back ends minutes later: until
+            // then BigQuery calls them unknown. The message is nacked (dropped) and comes back.
+            Some(r) if settling && r.message.contains("no such field") => {
+                unseen_columns += 1;
+                drop(env);
             }
             Some(r) => {
                 let failure = Failure {
@@ -684,26 +692,35 @@ async fn insert_batch(
             }
         }
     }
+    if unseen_columns > 0 {
+        warn!(pipeline = %ctx.pipeline, table = %batch.route.table, rows = unseen_columns, "BigQuery does not know some columns of a table prepared moments ago yet; those messages will be redelivered");
+    }
     wrote(ctx);
     ctx.stats.add(&ctx.stats.inserted, accepted);
     Ok(())
 }
 
-/// A table this worker created or extended moments ago can still be reported missing (BigQuery
-/// is eventually consistent there): within [`SettlingTable::WINDOW`] of its preparation, "not
-/// found" is transient — the batch is nacked and comes back — instead of stopping the pipeline.
+/// A table this worker created or extended moments ago can still be reported missing, and its
+/// new columns unknown (BigQuery's streaming back ends learn of them minutes later): within
+/// [`SettlingTable::WINDOW`] of its preparation, "not found" is transient — the batch is nacked
+/// and comes back — instead of stopping the pipeline, and a row refused for "no such field" is
+/// nacked instead of dead-lettered.
 #[derive(Debug)]
 struct SettlingTable(logflow_bigquery::BqError);
 
 impl SettlingTable {
     const WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
 
+    fn fresh(prepared: std::time::Instant, now: std::time::Instant) -> bool {
+        now.saturating_duration_since(prepared) < Self::WINDOW
+    }
+
     fn applies(
         e: &logflow_bigquery::BqError,
         prepared: std::time::Instant,
         now: std::time::Instant,
     ) -> bool {
-        e.is_not_found() && now.saturating_duration_since(prepared) < Self::WINDOW
+        e.is_not_found() && Self::fresh(prepared, now)
     }
 }
 
