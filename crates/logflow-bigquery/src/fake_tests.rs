@@ -92,6 +92,17 @@ async fn client(endpoint: String, max_attempts: u32) -> BigQuery {
     .unwrap()
 }
 
+/// `ROWS` inserted through a client of `endpoint` that makes at most `max_attempts` attempts.
+async fn insert_rows(
+    endpoint: String,
+    max_attempts: u32,
+) -> Result<crate::InsertOutcome, crate::BqError> {
+    client(endpoint, max_attempts)
+        .await
+        .insert_all("d", "t", &ROWS, &Stats::default())
+        .await
+}
+
 const ROWS: [(&str, &[u8]); 2] = [("id-0", br#"{"a":1}"#), ("id-1", br#"{"a":2}"#)];
 const OK: &str = r#"{"kind":"bigquery#tableDataInsertAllResponse"}"#;
 
@@ -122,11 +133,7 @@ async fn a_missing_table_is_permanent_and_not_retried() {
         Some((200, OK)),
     ])
     .await;
-    let e = client(ep, 10)
-        .await
-        .insert_all("d", "t", &ROWS, &Stats::default())
-        .await
-        .unwrap_err();
+    let e = insert_rows(ep, 10).await.unwrap_err();
     assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
     assert!(e.to_string().contains("notFound"), "{e}");
     assert_eq!(bodies.lock().unwrap().len(), 1);
@@ -135,11 +142,7 @@ async fn a_missing_table_is_permanent_and_not_retried() {
 #[tokio::test]
 async fn retries_are_bounded() {
     let (ep, bodies) = fake(vec![Some((500, "{}")); 5]).await;
-    let e = client(ep, 3)
-        .await
-        .insert_all("d", "t", &ROWS, &Stats::default())
-        .await
-        .unwrap_err();
+    let e = insert_rows(ep, 3).await.unwrap_err();
     assert_eq!(e.class(), ErrorClass::Transient);
     assert_eq!(bodies.lock().unwrap().len(), 3);
 }
@@ -154,11 +157,7 @@ async fn stopped_rows_are_resent_and_invalid_rows_reported() {
         Some((200, OK)),
     ])
     .await;
-    let out = client(ep, 10)
-        .await
-        .insert_all("d", "t", &ROWS, &Stats::default())
-        .await
-        .unwrap();
+    let out = insert_rows(ep, 10).await.unwrap();
     assert_eq!(out.rejected.len(), 1);
     assert_eq!(out.rejected[0].index, 1);
     assert_eq!(out.rejected[0].message, "a: bad");
@@ -250,11 +249,7 @@ async fn a_row_listed_twice_is_rejected_once() {
         r#"{"insertErrors":[{"index":0,"errors":[{"reason":"invalid","message":"first"}]},{"index":1,"errors":[{"reason":"invalid","message":"other"}]},{"index":0,"errors":[{"reason":"invalid","message":"second"}]}]}"#,
     ))])
     .await;
-    let out = client(ep, 10)
-        .await
-        .insert_all("d", "t", &ROWS, &Stats::default())
-        .await
-        .unwrap();
+    let out = insert_rows(ep, 10).await.unwrap();
     let got: Vec<(usize, &str)> = out
         .rejected
         .iter()
@@ -277,11 +272,7 @@ async fn rows_failed_by_the_service_are_resent_not_rejected() {
         Some((200, OK)),
     ])
     .await;
-    let out = client(ep, 10)
-        .await
-        .insert_all("d", "t", &ROWS, &Stats::default())
-        .await
-        .unwrap();
+    let out = insert_rows(ep, 10).await.unwrap();
     assert!(out.rejected.is_empty(), "{out:?}");
     let bodies = bodies.lock().unwrap();
     let ids = |i: usize| {

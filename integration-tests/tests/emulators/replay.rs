@@ -31,6 +31,16 @@ fn options(pipeline: &str, from: String) -> ReplayOptions {
     }
 }
 
+/// Every object under `prefix`, with its bytes.
+async fn fetch_all(clients: &Clients, bucket: &str, prefix: &str) -> Vec<(String, bytes::Bytes)> {
+    let mut out = Vec::new();
+    for o in clients.gcs.list(bucket, prefix).await.unwrap() {
+        let file = clients.gcs.get(bucket, &o.name).await.unwrap();
+        out.push((o.name, file));
+    }
+    out
+}
+
 /// Every row of `table`, all columns but `_ingest_time` (the one a replay changes), ordered
 /// by message id, as JSON text.
 async fn table_rows(clients: &Clients, dataset: &str, table: &str) -> Vec<String> {
@@ -394,21 +404,19 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
 
     // A window that cuts through the objects: only the objects it holds whole are recorded,
     // so that a later run over a wider window does not skip the rest of the others.
-    let mut objects = Vec::new();
-    for o in clients
-        .gcs
-        .list(&raw, &format!("raw/{subscription}/"))
-        .await
-        .unwrap()
-    {
-        let file = clients.gcs.get(&raw, &o.name).await.unwrap();
-        let times: Vec<i64> = archive::decode(file)
-            .unwrap()
+    let objects: Vec<(String, Vec<i64>)> =
+        fetch_all(&clients, &raw, &format!("raw/{subscription}/"))
+            .await
             .into_iter()
-            .map(|m| m.record.publish_time_micros)
+            .map(|(name, file)| {
+                let times = archive::decode(file)
+                    .unwrap()
+                    .into_iter()
+                    .map(|m| m.record.publish_time_micros)
+                    .collect();
+                (name, times)
+            })
             .collect();
-        objects.push((o.name, times));
-    }
     let mut times: Vec<i64> = objects
         .iter()
         .flat_map(|(_, t)| t.iter().copied())
@@ -474,13 +482,7 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     // least twice, each line replayed once.
     let mut lines = 0u64;
     let mut distinct = BTreeSet::new();
-    for o in clients
-        .gcs
-        .list(&dlq, &format!("dlq/{subscription}/"))
-        .await
-        .unwrap()
-    {
-        let file = clients.gcs.get(&dlq, &o.name).await.unwrap();
+    for (_, file) in fetch_all(&clients, &dlq, &format!("dlq/{subscription}/")).await {
         for l in logflow_gcs::deadletter::decode(&file).unwrap() {
             lines += 1;
             distinct.insert(l.message_id);
