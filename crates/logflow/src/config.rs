@@ -217,7 +217,7 @@ pub struct FlowControlConfig {
     /// `max_outstanding_messages`, and the worker's peak RSS is a few times it: the payloads
     /// (in the Pub/Sub client's buffers), their rows waiting for BigQuery, the archive object
     /// being written, allocator slack (measured with ≈ 4 KiB messages at the 64 MiB default:
-    /// 225–260 MiB with 9–12k messages held, BENCHMARKS.md).
+    /// 225–264 MiB with 9–16k messages held, BENCHMARKS.md).
     pub max_outstanding_bytes: usize,
     /// Each lease extension asks Pub/Sub for this long (10 s to 600 s). After a crash, held
     /// messages come back this soon: 15 s keeps redeliveries inside BigQuery's ~1 min
