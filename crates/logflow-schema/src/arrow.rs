@@ -154,7 +154,7 @@ impl ArrowEncoder {
                 Ok(mut m) => {
                     crate::pii::apply(&self.plan, &mut m);
                     msgs.push(m);
-                    kept.push(r);
+                    kept.push((i, r));
                 }
                 Err(e) => failed.push((
                     i,
@@ -162,6 +162,36 @@ impl ArrowEncoder {
                 )),
             }
         }
+        match self.record_batch(&kept, &msgs) {
+            Ok(batch) => Ok((batch, failed)),
+            // A value one message holds can fail its column (a JSON column's `Any` of an
+            // unknown type, say): find the messages that fail alone, and write the others.
+            Err(_) if kept.len() > 1 => {
+                let (mut good, mut good_msgs) = (Vec::new(), Vec::new());
+                for (row, m) in kept.into_iter().zip(msgs) {
+                    match self.record_batch(&[row], std::slice::from_ref(&m)) {
+                        Ok(_) => {
+                            good.push(row);
+                            good_msgs.push(m);
+                        }
+                        Err(e) => failed.push((row.0, e)),
+                    }
+                }
+                failed.sort_by_key(|f| f.0);
+                Ok((self.record_batch(&good, &good_msgs)?, failed))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The record batch of decoded messages `msgs` (`kept[i]` is the row of `msgs[i]`, with
+    /// its index among the caller's rows).
+    fn record_batch(
+        &self,
+        kept: &[(usize, &(RowMeta<'_>, &[u8]))],
+        msgs: &[DynamicMessage],
+    ) -> Result<RecordBatch, DecodeError> {
+        let kept: Vec<&(RowMeta<'_>, &[u8])> = kept.iter().map(|k| k.1).collect();
         let attrs: Vec<String> = kept
             .iter()
             .map(|r| {
@@ -203,9 +233,8 @@ impl ArrowEncoder {
         for f in &self.plan.fields {
             columns.push(build_field(f, &parents)?);
         }
-        let batch = RecordBatch::try_new(self.schema(), columns)
-            .map_err(|e| DecodeError::new(DecodeErrorKind::InvalidValue, e.to_string()))?;
-        Ok((batch, failed))
+        RecordBatch::try_new(self.schema(), columns)
+            .map_err(|e| DecodeError::new(DecodeErrorKind::InvalidValue, e.to_string()))
     }
 }
 

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use hmac::{KeyInit as _, Mac as _};
-use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, Value};
+use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value};
 
 use crate::error::SchemaError;
 use crate::plan::{MessagePlan, Shape};
@@ -210,8 +210,78 @@ fn first_hashed(plan: &MessagePlan) -> Option<String> {
     plan.fields.iter().find_map(|f| match (&f.pii, &f.shape) {
         (Some(PiiRule::Hash(_)), _) => Some(f.field.full_name().to_string()),
         (_, Shape::Record(sub)) => first_hashed(sub),
+        (_, Shape::Map { value: Some(v), .. }) => match &**v {
+            Shape::Record(sub) => first_hashed(sub),
+            _ => None,
+        },
         _ => None,
     })
+}
+
+/// The first field marked `(logflow.pii)` in `md` or in the message types it holds, at any
+/// depth (full name), if any. `Any` fields are not followed: what they pack is known only per
+/// message (see [`check_any`]).
+pub(crate) fn marked_field(md: &MessageDescriptor) -> Option<String> {
+    fn walk(
+        md: &MessageDescriptor,
+        seen: &mut std::collections::HashSet<String>,
+    ) -> Option<String> {
+        if !seen.insert(md.full_name().to_string()) {
+            return None;
+        }
+        for f in md.fields() {
+            if !matches!(field_action(&f), Ok(None)) {
+                return Some(f.full_name().to_string());
+            }
+            if let Kind::Message(m) = f.kind()
+                && let Some(found) = walk(&m, seen)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+    walk(md, &mut std::collections::HashSet::new())
+}
+
+/// Refuses a message about to be written as a JSON column when an `Any` in it packs a type
+/// with fields marked `(logflow.pii)`: marks cannot be applied inside JSON, so the message is
+/// dead-lettered instead of leaked (dead letters keep the raw payload, as documented).
+pub(crate) fn check_any(m: &DynamicMessage) -> Result<(), crate::error::DecodeError> {
+    use prost_reflect::ReflectMessage as _;
+    let md = m.descriptor();
+    if md.full_name() == "google.protobuf.Any" {
+        let url = m
+            .get_field_by_number(1)
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let name = url.rsplit('/').next().unwrap_or_default();
+        if let Some(packed) = md.parent_pool().get_message_by_name(name)
+            && let Some(field) = marked_field(&packed)
+        {
+            return Err(crate::error::DecodeError::new(
+                crate::error::DecodeErrorKind::InvalidValue,
+                format!(
+                    "an Any packs {name}, whose field {field} is marked (logflow.pii): marks \
+                     cannot be applied inside a JSON column"
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    for (_, v) in m.fields() {
+        check_any_value(v)?;
+    }
+    Ok(())
+}
+
+fn check_any_value(v: &Value) -> Result<(), crate::error::DecodeError> {
+    match v {
+        Value::Message(m) => check_any(m),
+        Value::List(items) => items.iter().try_for_each(check_any_value),
+        Value::Map(entries) => entries.values().try_for_each(check_any_value),
+        _ => Ok(()),
+    }
 }
 
 /// Rewrites the PII strings of `msg` in place (for the paths that write from a decoded
@@ -246,6 +316,18 @@ pub(crate) fn apply(plan: &MessagePlan, msg: &mut DynamicMessage) {
                         }
                     }
                     _ => {}
+                }
+            }
+            // Map values that are records: their marks too.
+            (None, Shape::Map { value: Some(v), .. }) if msg.has_field(&f.field) => {
+                if let (Shape::Record(sub), Value::Map(entries)) =
+                    (&**v, msg.get_field_mut(&f.field))
+                {
+                    for v in entries.values_mut() {
+                        if let Value::Message(m) = v {
+                            apply(sub, m);
+                        }
+                    }
                 }
             }
             _ => {}
@@ -365,6 +447,137 @@ message M {
         // The reference path writes the same row.
         let dynamic: serde_json::Value = serde_json::from_slice(&dynamic).unwrap();
         assert_eq!(dynamic, row);
+    }
+
+    #[test]
+    fn marks_survive_a_descriptor_set_and_change_the_fingerprint() {
+        let compiled = registry(SOURCE);
+        let set = compiled.pool().encode_to_vec();
+        let r = Registry::from_sources(&[crate::SchemaSource::DescriptorSet {
+            origin: "set.binpb".into(),
+            bytes: set,
+        }])
+        .unwrap();
+        // The HASH marks came through: without a key the type is refused, with one the row
+        // is hashed.
+        let md = r.message("t.M").unwrap();
+        let e = RowEncoder::new(md.clone()).unwrap_err().to_string();
+        assert!(e.contains("LOGFLOW_PII_KEY"), "{e}");
+        let key = PiiKey::new(KEY).unwrap();
+        let enc = RowEncoder::with_pii_key(md, Some(&key)).unwrap();
+        let mut row = Vec::new();
+        enc.encode(&meta(), &payload(&r), &mut row).unwrap();
+        let row: serde_json::Value = serde_json::from_slice(&row).unwrap();
+        assert_eq!(row["email"], expected_hash(KEY, "ada@example.com"));
+        assert!(row.get("phone").is_none(), "{row}");
+        // A version that only adds a mark is a new version (a reload picks it up).
+        let unmarked = registry(&SOURCE.replace(" [(logflow.pii) = MASK]", ""));
+        assert_ne!(unmarked.fingerprint(), compiled.fingerprint());
+    }
+
+    #[test]
+    fn marks_inside_map_values_apply_to_parquet() {
+        let r = registry(
+            r#"syntax = "proto3"; package t; import "logflow/options.proto";
+            message Contact { string email = 1 [(logflow.pii) = HASH]; string city = 2; }
+            message M { map<string, Contact> by_name = 1; }"#,
+        );
+        let md = r.message("t.M").unwrap();
+        let mut c = DynamicMessage::new(r.message("t.Contact").unwrap());
+        c.set_field_by_name("email", Value::String("ada@example.com".into()));
+        c.set_field_by_name("city", Value::String("London".into()));
+        let mut m = DynamicMessage::new(md.clone());
+        m.set_field_by_name(
+            "by_name",
+            Value::Map(
+                [(
+                    prost_reflect::MapKey::String("ada".into()),
+                    Value::Message(c),
+                )]
+                .into(),
+            ),
+        );
+        let bytes = m.encode_to_vec();
+        let key = PiiKey::new(KEY).unwrap();
+        let enc = ArrowEncoder::with_pii_key(md, Some(&key)).unwrap();
+        let (batch, failed) = enc.batch(&[(meta(), &bytes[..])]).unwrap();
+        assert!(failed.is_empty());
+        let entries = batch.column_by_name("by_name").unwrap().as_list::<i32>();
+        let value = entries
+            .values()
+            .as_struct()
+            .column_by_name("value")
+            .unwrap()
+            .as_struct();
+        let email = value.column_by_name("email").unwrap().as_string::<i32>();
+        assert_eq!(email.value(0), expected_hash(KEY, "ada@example.com"));
+        let city = value.column_by_name("city").unwrap().as_string::<i32>();
+        assert_eq!(city.value(0), "London");
+    }
+
+    #[test]
+    fn a_mark_that_would_sit_inside_a_json_column_is_refused() {
+        // A recursive type becomes a JSON column, written without the plan: refused at start.
+        let r = registry(
+            r#"syntax = "proto3"; package t; import "logflow/options.proto";
+            message Comment { string email = 1 [(logflow.pii) = HASH]; repeated Comment replies = 2; }
+            message M { Comment c = 1; }"#,
+        );
+        let key = PiiKey::new(KEY).unwrap();
+        let md = r.message("t.M").unwrap();
+        let e = RowEncoder::with_pii_key(md.clone(), Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("JSON column") && e.contains("t.Comment.email"),
+            "{e}"
+        );
+        assert!(ArrowEncoder::with_pii_key(md, Some(&key)).is_err());
+    }
+
+    #[test]
+    fn an_any_packing_marked_fields_is_refused_per_message() {
+        let r = registry(
+            r#"syntax = "proto3"; package t; import "logflow/options.proto";
+            import "google/protobuf/any.proto";
+            message Secret { string email = 1 [(logflow.pii) = HASH]; }
+            message Plain { string note = 1; }
+            message M { google.protobuf.Any body = 1; }"#,
+        );
+        let md = r.message("t.M").unwrap();
+        let any = r.message("google.protobuf.Any").unwrap();
+        let packed = |ty: &str, field: &str| {
+            let mut inner = DynamicMessage::new(r.message(ty).unwrap());
+            inner.set_field_by_name(field, Value::String("ada@example.com".into()));
+            let mut a = DynamicMessage::new(any.clone());
+            a.set_field_by_name(
+                "type_url",
+                Value::String(format!("type.googleapis.com/{ty}")),
+            );
+            a.set_field_by_name("value", Value::Bytes(inner.encode_to_vec().into()));
+            let mut m = DynamicMessage::new(md.clone());
+            m.set_field_by_name("body", Value::Message(a));
+            m.encode_to_vec()
+        };
+        let enc = RowEncoder::new(md.clone()).unwrap();
+        let mut row = Vec::new();
+        let e = enc
+            .encode(&meta(), &packed("t.Secret", "email"), &mut row)
+            .unwrap_err();
+        assert_eq!(e.kind, crate::DecodeErrorKind::InvalidValue);
+        assert!(e.message.contains("t.Secret.email"), "{}", e.message);
+        assert!(row.is_empty());
+        enc.encode(&meta(), &packed("t.Plain", "note"), &mut row)
+            .unwrap();
+        assert!(String::from_utf8_lossy(&row).contains("ada@example.com"));
+        // The Parquet path refuses that row alone.
+        let arrow = ArrowEncoder::new(md.clone()).unwrap();
+        let secret = packed("t.Secret", "email");
+        let plain = packed("t.Plain", "note");
+        let (batch, failed) = arrow
+            .batch(&[(meta(), &secret[..]), (meta(), &plain[..])])
+            .unwrap();
+        assert_eq!((batch.num_rows(), failed.len()), (1, 1));
     }
 
     #[test]

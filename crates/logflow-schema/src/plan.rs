@@ -365,6 +365,20 @@ fn kind_shape(
         None => {
             let name = md.full_name().to_string();
             if level > MAX_RECORD_DEPTH || path.contains(&name) {
+                // A JSON column is written from the decoded message as it is: a mark inside it
+                // could not be applied, so such a schema is refused rather than leaked.
+                if let Some(field) = crate::pii::marked_field(md) {
+                    return Err(SchemaError::InvalidField {
+                        message_type: path.last().cloned().unwrap_or_else(|| name.clone()),
+                        field: field.clone(),
+                        reason: format!(
+                            "{name} is written as a JSON column (it is recursive, or nested \
+                             deeper than {MAX_RECORD_DEPTH} records), and {field} in it is \
+                             marked (logflow.pii), which cannot be applied inside JSON: \
+                             unmark it or restructure the type"
+                        ),
+                    });
+                }
                 Some(Shape::Json(md.clone()))
             } else {
                 path.push(name);

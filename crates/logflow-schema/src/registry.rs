@@ -22,13 +22,13 @@ pub struct Registry {
 /// SHA-256 of every file of `pool` (sorted by name), first 16 hex characters: names a
 /// version of the schemas.
 fn pool_fingerprint(pool: &DescriptorPool) -> String {
-    use prost::Message as _;
     use sha2::Digest as _;
     let mut files: Vec<_> = pool.files().collect();
     files.sort_by(|a, b| a.name().cmp(b.name()));
     let mut h = sha2::Sha256::new();
     for f in files {
-        h.update(f.file_descriptor_proto().encode_to_vec());
+        // With custom options: a version that only adds a (logflow.pii) mark is a new version.
+        h.update(f.encode_to_vec());
     }
     h.finalize()
         .iter()
@@ -183,7 +183,9 @@ impl Registry {
                     });
                 }
             }
-            pool.add_file_descriptor_set(set)
+            // Decoded by the pool itself, which keeps custom options such as (logflow.pii):
+            // `prost_types` drops them, and with them every mark of the set.
+            pool.decode_file_descriptor_set(bytes.as_slice())
                 .map_err(|e| err(e.to_string()))?;
         }
         Ok(Registry {

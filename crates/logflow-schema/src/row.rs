@@ -342,6 +342,7 @@ pub(crate) fn seconds_nanos(m: &DynamicMessage) -> (i64, i32) {
 }
 
 pub(crate) fn proto_json(m: &DynamicMessage) -> Result<String, DecodeError> {
+    crate::pii::check_any(m)?;
     let opts = SerializeOptions::new().use_proto_field_name(true);
     let mut buf = Vec::with_capacity(64);
     let mut ser = serde_json::Serializer::new(&mut buf);
