@@ -296,7 +296,12 @@ fn sdk_error(
             message: e.to_string(),
         };
     }
-    if e.is_authentication() {
+    // A credentials failure the library marks transient (the metadata server busy, a token
+    // refresh that timed out) is retried like a network error; other ones are permanent.
+    let transient_credentials = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<google_cloud_gax::error::CredentialsError>())
+        .is_some_and(|c| c.is_transient());
+    if e.is_authentication() && !transient_credentials {
         return GcsError::Auth(e.to_string());
     }
     GcsError::Transport {
@@ -304,5 +309,25 @@ fn sdk_error(
         bucket: bucket.to_string(),
         object: object.to_string(),
         message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use google_cloud_gax::error::CredentialsError;
+    use logflow_core::{Classify as _, ErrorClass};
+
+    #[test]
+    fn a_credentials_failure_is_retried_only_when_the_library_calls_it_transient() {
+        let class = |transient| {
+            let e = google_cloud_storage::Error::authentication(CredentialsError::from_msg(
+                transient,
+                "metadata server",
+            ));
+            sdk_error("upload", "b", "o", &e).class()
+        };
+        assert_eq!(class(true), ErrorClass::Transient);
+        assert_eq!(class(false), ErrorClass::Permanent);
     }
 }
