@@ -4,13 +4,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use logflow_core::time::hive_partition;
 
+/// The sequence numbers of every namer of the process: names stay unique even between two
+/// outputs that share a bucket, prefix and subscription (or message type, for parsed output),
+/// which a sequence per namer would not guarantee.
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
 /// Makes unique object names for one output of one pipeline in this process.
 #[derive(Debug)]
 pub struct ObjectNamer {
     prefix: String,
     subscription: String,
     worker: String,
-    seq: AtomicU64,
 }
 
 impl ObjectNamer {
@@ -27,13 +31,12 @@ impl ObjectNamer {
             },
             subscription: subscription.to_string(),
             worker: worker.to_string(),
-            seq: AtomicU64::new(0),
         }
     }
 
     /// The next name, partitioned by the batch's first publish time.
     pub fn next(&self, first_publish_micros: i64, ext: &str) -> String {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         format!(
             "{}{}/{}/{}-{}-{:06}.{ext}",
             self.prefix,
@@ -53,13 +56,29 @@ mod tests {
     #[test]
     fn names_are_partitioned_and_sequenced() {
         let n = ObjectNamer::new("/raw/", "projects/p/subscriptions/logs-sub", "pod-a-1f2e");
+        let first = n.next(1_795_770_000_123_456, "parquet");
+        let seq = |name: &str| -> u64 {
+            let stem = name.strip_suffix(".parquet").unwrap();
+            stem.rsplit('-').next().unwrap().parse().unwrap()
+        };
+        assert!(
+            first.starts_with("raw/logs-sub/dt=2026-11-27/hour=09/pod-a-1f2e-1795770000123456-"),
+            "{first}"
+        );
         assert_eq!(
+            first.rsplit('-').next().unwrap().len(),
+            "000000.parquet".len()
+        );
+        // Two namers of the same output (two pipelines sharing a bucket, prefix and
+        // subscription) never give the same name.
+        let twin = ObjectNamer::new("/raw/", "projects/p/subscriptions/logs-sub", "pod-a-1f2e");
+        let (a, b) = (
             n.next(1_795_770_000_123_456, "parquet"),
-            "raw/logs-sub/dt=2026-11-27/hour=09/pod-a-1f2e-1795770000123456-000000.parquet"
+            twin.next(1_795_770_000_123_456, "parquet"),
         );
         assert!(
-            n.next(1_795_770_000_123_456, "parquet")
-                .ends_with("-000001.parquet")
+            a != b && seq(&a) > seq(&first) && seq(&b) > seq(&first),
+            "{a} {b}"
         );
         let bare = ObjectNamer::new("", "s", "w");
         assert!(
