@@ -197,27 +197,27 @@ impl RouterState {
         if let Some(r) = cache.get(wanted) {
             return r.clone();
         }
-        let built = self
+        let no_route = |message: String| NoRoute {
+            class: "unknown_message_type",
+            message,
+            message_type: wanted.to_string(),
+        };
+        // A name the schemas do not define is not cached: the cache would otherwise keep every
+        // string a publisher ever put in the attribute. Only the schemas' types are cached.
+        let md = self
             .registry
             .message(wanted)
-            .map_err(|e| e.to_string())
-            .and_then(|md| {
-                let table = table_name(template, md.name());
-                RowEncoder::with_pii_key(md, self.registry.pii_key())
-                    .map(|encoder| {
-                        Arc::new(Route {
-                            encoder,
-                            table: Arc::from(table),
-                            fingerprint: Arc::clone(&self.default.fingerprint),
-                        })
-                    })
-                    .map_err(|e| e.to_string())
+            .map_err(|e| no_route(e.to_string()))?;
+        let table = table_name(template, md.name());
+        let built = RowEncoder::with_pii_key(md, self.registry.pii_key())
+            .map(|encoder| {
+                Arc::new(Route {
+                    encoder,
+                    table: Arc::from(table),
+                    fingerprint: Arc::clone(&self.default.fingerprint),
+                })
             })
-            .map_err(|message| NoRoute {
-                class: "unknown_message_type",
-                message,
-                message_type: wanted.to_string(),
-            });
+            .map_err(|e| no_route(e.to_string()));
         cache.insert(wanted.to_string(), built.clone());
         built
     }
@@ -317,6 +317,14 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.class, "unknown_message_type");
         assert_eq!(e.message_type, "acme.Nope");
+        // Names that are not types are not remembered (a publisher could send any number);
+        // the types routed so far are.
+        for i in 0..1000 {
+            let name = format!("acme.Nope{i}");
+            assert!(r.route(&record(&[("logflow-type", &name)])).is_err());
+        }
+        let cached = r.current().cache.lock().unwrap().len();
+        assert_eq!(cached, 2, "the auth and payment routes only");
         let e = r
             .route(&record(&[(PUBSUB_ENCODING_ATTRIBUTE, "JSON")]))
             .unwrap_err();
