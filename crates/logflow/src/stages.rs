@@ -837,6 +837,9 @@ pub async fn parsed_stage(
                 let name = md.full_name().to_string();
                 let key = (name.clone(), Arc::clone(&route.fingerprint));
                 if !encoders.contains_key(&key) {
+                    // A new schema version replaces the old ones: an encoder holds its
+                    // version's whole descriptor pool, and reloads would pile them up.
+                    encoders.retain(|(_, version), _| *version == route.fingerprint);
                     let enc = ArrowEncoder::with_pii_key(md.clone(), router.pii_key())?;
                     encoders.insert(key.clone(), Arc::new(enc));
                 }
