@@ -209,6 +209,24 @@ impl RouterState {
             .message(wanted)
             .map_err(|e| no_route(e.to_string()))?;
         let table = table_name(template, md.name());
+        // Two types whose short names snake-case alike (`a.Event`, `b.Event`; `HTTPLog`,
+        // `HttpLog`) would share a table, one's rows in the other's columns: the later one is
+        // refused instead.
+        let taken = std::iter::once(&self.default)
+            .chain(cache.values().filter_map(|r| r.as_ref().ok()))
+            .find(|r| *r.table == *table);
+        if let Some(other) = taken {
+            let built = Err(NoRoute {
+                class: "table_conflict",
+                ..no_route(format!(
+                    "{wanted} would share table {table} with {}: their short names are alike; \
+                 rename one of the types, or route them to different pipelines",
+                    other.encoder.descriptor().full_name()
+                ))
+            });
+            cache.insert(wanted.to_string(), built.clone());
+            return built;
+        }
         let built = RowEncoder::with_pii_key(md, self.registry.pii_key())
             .map(|encoder| {
                 Arc::new(Route {
@@ -276,6 +294,33 @@ mod tests {
     fn registry() -> Registry {
         Registry::from_proto_dirs(&[Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas")])
             .unwrap()
+    }
+
+    #[test]
+    fn two_types_that_would_share_a_table_are_not_mixed() {
+        let dir = std::env::temp_dir().join(format!("logflow-routing-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for pkg in ["a", "b"] {
+            std::fs::write(
+                dir.join(format!("{pkg}.proto")),
+                format!(
+                    "syntax = \"proto3\"; package {pkg}; message Event {{ string {pkg} = 1; }}"
+                ),
+            )
+            .unwrap();
+        }
+        let registry = Registry::from_proto_dirs(std::slice::from_ref(&dir)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let r = TypeRouter::new(registry, "a.Event", "logs_{type}", Some("t".into())).unwrap();
+        let a = r.route(&record(&[("t", "a.Event")])).unwrap();
+        assert_eq!(&*a.table, "logs_event");
+        let e = r.route(&record(&[("t", "b.Event")])).unwrap_err();
+        assert_eq!(e.class, "table_conflict");
+        assert!(
+            e.message.contains("share table logs_event with a.Event"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]
