@@ -98,6 +98,21 @@ impl TypeRouter {
         self.current().route(record)
     }
 
+    /// The message types routed so far with the current version, the default one included:
+    /// a schema reload must still define and plan each of them.
+    pub fn types_in_use(&self) -> Vec<String> {
+        let state = self.current();
+        let mut types = vec![state.default.encoder.descriptor().full_name().to_string()];
+        let cache = state.cache.lock().unwrap_or_else(|p| p.into_inner());
+        types.extend(
+            cache
+                .iter()
+                .filter(|(_, r)| r.is_ok())
+                .map(|(name, _)| name.clone()),
+        );
+        types
+    }
+
     /// The default type's route in the current version.
     pub fn default_route(&self) -> Arc<Route> {
         Arc::clone(self.current().default_route())
@@ -370,6 +385,17 @@ mod tests {
         }
         let cached = r.current().cache.lock().unwrap().len();
         assert_eq!(cached, 2, "the auth and payment routes only");
+        // What a reload must keep: the default type and the types routed so far.
+        let mut in_use = r.types_in_use();
+        in_use.sort();
+        assert_eq!(
+            in_use,
+            [
+                "acme.auth.v1.AuthEvent",
+                "acme.http.v1.HttpAccessLog",
+                "acme.payments.v1.PaymentEvent"
+            ]
+        );
         let e = r
             .route(&record(&[(PUBSUB_ENCODING_ATTRIBUTE, "JSON")]))
             .unwrap_err();

@@ -405,7 +405,17 @@ async fn watch_schemas(
         if version == current.fingerprint() || refused_version.as_deref() == Some(&version) {
             continue;
         }
-        let used: Vec<&str> = routers.iter().map(|(_, _, t)| t.as_str()).collect();
+        // Every type a pipeline decodes: its default type, and the types it has routed by
+        // attribute so far.
+        let in_use: std::collections::BTreeSet<String> = routers
+            .iter()
+            .flat_map(|(router, _, t)| {
+                let mut types = router.types_in_use();
+                types.push(t.clone());
+                types
+            })
+            .collect();
+        let used: Vec<&str> = in_use.iter().map(String::as_str).collect();
         let mut why = current.incompatibilities(&new, &used);
         for t in &used {
             if let Err(e) = new
