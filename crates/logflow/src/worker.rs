@@ -417,6 +417,7 @@ async fn watch_schemas(
             .collect();
         let used: Vec<&str> = in_use.iter().map(String::as_str).collect();
         let mut why = current.incompatibilities(&new, &used);
+        why.extend(column_conflicts(&current, &new, &used));
         for t in &used {
             if let Err(e) = new
                 .message(t)
@@ -443,6 +444,23 @@ async fn watch_schemas(
         refused_version = None;
         current = new;
     }
+}
+
+/// Columns of the types in `used` that the new schemas would give another type or mode than
+/// the current ones do (a field renumbered under the same name, say): the tables keep the
+/// old column, so every row of the new version would be refused and dead-lettered.
+fn column_conflicts(current: &Registry, new: &Registry, used: &[&str]) -> Vec<String> {
+    let columns = |r: &Registry, t: &str| r.message(t).ok().and_then(|md| table_schema(&md).ok());
+    let mut out = Vec::new();
+    for t in used {
+        if let (Some(old), Some(now)) = (columns(current, t), columns(new, t)) {
+            let diff = logflow_bigquery::evolve::diff(&old["fields"], &now["fields"]);
+            for c in diff.conflicts {
+                out.push(format!("{t}: column {c} would change type or mode"));
+            }
+        }
+    }
+    out
 }
 
 /// Checks and prepares pipeline `i` (message types, its default table, its buckets) and builds
@@ -639,4 +657,36 @@ async fn run_pipeline(
     }
     info!(pipeline = %ctx.pipeline, stats = ?ctx.stats.snapshot(), "pipeline stopped");
     first.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(tag: &str, body: &str) -> Registry {
+        let dir = std::env::temp_dir().join(format!("logflow-reload-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("e.proto"),
+            format!("syntax = \"proto3\"; package e; message E {{ {body} }}"),
+        )
+        .unwrap();
+        let r = Registry::from_proto_dirs(std::slice::from_ref(&dir)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        r
+    }
+
+    #[test]
+    fn a_reload_that_would_retype_a_column_is_refused() {
+        let v1 = registry("v1", "string status = 3;");
+        // The field renumbered with another type: the field numbers do not clash, the column
+        // does.
+        let retyped = registry("v2", "int32 status = 4;");
+        let why = column_conflicts(&v1, &retyped, &["e.E"]);
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(why[0].starts_with("e.E: column status"), "{why:?}");
+        // Adding a column is an evolution, not a conflict.
+        let grown = registry("v3", "string status = 3; string extra = 4;");
+        assert!(column_conflicts(&v1, &grown, &["e.E"]).is_empty());
+    }
 }
