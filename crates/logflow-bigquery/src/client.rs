@@ -427,11 +427,7 @@ impl BigQuery {
         schema: serde_json::Value,
         clustering: &[String],
     ) -> Result<TableStatus, BqError> {
-        let target = format!("{dataset}.{table}");
-        let url = format!(
-            "{}/projects/{}/datasets/{dataset}/tables/{table}",
-            self.base, self.options.project
-        );
+        let (target, url) = self.table_url(dataset, table);
         for _ in 0..PATCH_ATTEMPTS {
             let Some((etag, current)) = self.get_json(&url, &target).await? else {
                 match self
@@ -483,6 +479,17 @@ impl BigQuery {
         })
     }
 
+    /// `dataset.table` (for errors) and the table's resource URL.
+    fn table_url(&self, dataset: &str, table: &str) -> (String, String) {
+        (
+            format!("{dataset}.{table}"),
+            format!(
+                "{}/projects/{}/datasets/{dataset}/tables/{table}",
+                self.base, self.options.project
+            ),
+        )
+    }
+
     /// The table's current schema (`{"fields": [...]}`, as `tables.get` gives it), or `None`
     /// when there is no such table.
     pub async fn table_schema(
@@ -490,11 +497,7 @@ impl BigQuery {
         dataset: &str,
         table: &str,
     ) -> Result<Option<serde_json::Value>, BqError> {
-        let target = format!("{dataset}.{table}");
-        let url = format!(
-            "{}/projects/{}/datasets/{dataset}/tables/{table}",
-            self.base, self.options.project
-        );
+        let (target, url) = self.table_url(dataset, table);
         Ok(self.get_json(&url, &target).await?.map(|(_, t)| {
             serde_json::json!({"fields": t.pointer("/schema/fields").cloned().unwrap_or_default()})
         }))
