@@ -263,14 +263,25 @@ fn object_url(bucket: &str, name: &str) -> String {
     format!("gs://{bucket}/{name}")
 }
 
-fn read_checkpoint(path: &PathBuf) -> anyhow::Result<HashSet<String>> {
+/// The first line of a checkpoint: what the replay it records writes to. A checkpoint kept
+/// from a replay into one table must not make a replay into another skip what it recorded.
+const CHECKPOINT_HEADER: &str = "# logflow replay into ";
+
+/// The objects a checkpoint records, and the table its header names (files written by earlier
+/// versions have no header).
+fn read_checkpoint(path: &PathBuf) -> anyhow::Result<(HashSet<String>, Option<String>)> {
     match std::fs::read_to_string(path) {
-        Ok(text) => Ok(text
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+        Ok(text) => Ok((
+            text.lines()
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect(),
+            text.lines()
+                .next()
+                .and_then(|l| l.strip_prefix(CHECKPOINT_HEADER))
+                .map(str::to_string),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((HashSet::new(), None)),
         Err(e) => Err(e).with_context(|| format!("reading checkpoint {}", path.display())),
     }
 }
@@ -324,8 +335,20 @@ pub async fn replay(
         p.bigquery.table = table.to_string();
     }
     let p = cfg.pipelines[i].clone();
+    let destination = format!("{}.{}", p.bigquery.dataset, p.bigquery.table);
     let done_before = match &opts.checkpoint {
-        Some(path) => read_checkpoint(path)?,
+        Some(path) => {
+            let (done, recorded_for) = read_checkpoint(path)?;
+            if let Some(other) = recorded_for.filter(|t| *t != destination) {
+                bail!(
+                    "--checkpoint {}: it records a replay into {other}, this one writes to \
+                     {destination}; use another checkpoint file (its objects were not replayed \
+                     into {destination})",
+                    path.display()
+                );
+            }
+            done
+        }
         None => HashSet::new(),
     };
     if opts.parsed && p.parsed.is_none() {
@@ -377,20 +400,26 @@ pub async fn replay(
         .await;
     }
 
-    // Opened before anything is written, so that a path that cannot be written fails now.
+    // Opened before anything is written, so that a path that cannot be written fails now; a
+    // new file starts with the header naming the destination.
     let checkpoint_file = match &opts.checkpoint {
-        Some(path) => Some(
-            std::fs::OpenOptions::new()
+        Some(path) => {
+            let cannot = || {
+                format!(
+                    "--checkpoint {}: cannot open it for writing",
+                    path.display()
+                )
+            };
+            let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .with_context(|| {
-                    format!(
-                        "--checkpoint {}: cannot open it for writing",
-                        path.display()
-                    )
-                })?,
-        ),
+                .with_context(cannot)?;
+            if f.metadata().with_context(cannot)?.len() == 0 {
+                writeln!(f, "{CHECKPOINT_HEADER}{destination}").with_context(cannot)?;
+            }
+            Some(f)
+        }
         None => None,
     };
     let (ctx, _) = worker::prepare(

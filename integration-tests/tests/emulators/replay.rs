@@ -312,7 +312,7 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     let interrupted = tokio::spawn(replay(cfg.clone(), proxied, opts.clone()));
     let recorded = |path: &std::path::Path| {
         std::fs::read_to_string(path)
-            .map(|t| t.lines().count())
+            .map(|t| t.lines().filter(|l| !l.starts_with('#')).count())
             .unwrap_or(0)
     };
     let deadline = std::time::Instant::now() + PROCESS_TIMEOUT;
@@ -358,16 +358,30 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     assert_eq!(rows.len(), valid.len(), "one row per message");
 
     // Resuming skips everything already done.
-    let names: BTreeSet<String> = std::fs::read_to_string(&checkpoint)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let text = std::fs::read_to_string(&checkpoint).unwrap();
+    assert_eq!(
+        text.lines().next(),
+        Some(format!("# logflow replay into {dataset}.backfill").as_str())
+    );
+    let names: BTreeSet<String> = text.lines().skip(1).map(str::to_string).collect();
     assert_eq!(names.len(), s.objects, "every object recorded once done");
     let again = replay(cfg.clone(), clients.clone(), opts.clone())
         .await
         .unwrap();
     assert_eq!((again.skipped, again.messages), (s.objects, 0), "{again:?}");
+    // The same checkpoint for a replay into another table is refused: it would skip objects
+    // that table never got.
+    let e = replay(
+        cfg.clone(),
+        clients.clone(),
+        ReplayOptions {
+            table: Some(format!("{dataset}.other")),
+            ..opts.clone()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("records a replay into"), "{e:#}");
     // Names are recorded with their bucket; a checkpoint of bare names (as earlier versions
     // wrote them) is still honoured.
     let prefix = format!("gs://{raw}/");
@@ -456,6 +470,7 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     let recorded: BTreeSet<String> = std::fs::read_to_string(&partial_checkpoint)
         .unwrap()
         .lines()
+        .skip(1)
         .map(|l| l.strip_prefix(&format!("gs://{raw}/")).unwrap().to_string())
         .collect();
     assert_eq!(recorded, whole);
