@@ -8,7 +8,9 @@ cd "$ROOT"
 FEATURES="--features logflow-integration-tests/emulator-tests"
 
 echo "== build (once, for every test below)"
-cargo build --workspace --all-targets $FEATURES --locked
+# Every target the tests run, not the benchmarks (`make lint` type-checks those; building them
+# here would only cost time and disk).
+cargo build --workspace --lib --bins --tests --examples $FEATURES --locked
 
 echo "== unit tests"
 cargo test --workspace --exclude logflow-integration-tests --locked
