@@ -23,10 +23,11 @@ eval "$(scripts/emulators.sh env)"
 if ! cargo test --workspace $FEATURES --locked --test emulators; then
   # A shared emulator that dies mid-run fails every test after it: name it, so that those
   # failures are read as its absence.
+  states="$(scripts/emulators.sh status)"
   for name in pubsub gcs bigquery; do
-    if scripts/emulators.sh status | grep -qx "$name: stopped"; then
+    if echo "$states" | grep -q "^$name: \(stopped\|not answering\)"; then
       log="${LOGFLOW_EMULATOR_DIR:-$ROOT/.emulators}/logs/$name.log"
-      echo "== the $name emulator exited during the tests: the tests that ran after that failed without it." >&2
+      echo "== the $name emulator stopped answering during the tests ($(echo "$states" | grep "^$name:")): the tests that ran after that failed without it." >&2
       echo "   $log ends as below (a crash may leave no line there; the kernel log names a segfault):" >&2
       tail -n 15 "$log" >&2 || true
     fi

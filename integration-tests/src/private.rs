@@ -108,6 +108,9 @@ impl PrivateEmulator {
             Kind::BigQuery => {
                 let mut c = Command::new(env_path("LOGFLOW_LOCAL_BIGQUERY_BIN")?);
                 c.env("HOME", env_path("LOGFLOW_LOCAL_BIGQUERY_HOME")?)
+                    // As scripts/emulators.sh starts it: protobuf's C extension has crashed
+                    // this emulator.
+                    .env("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
                     .args(["serve", "--host", "127.0.0.1", "--port"])
                     .arg(self.port.to_string())
                     .arg("--grpc-port")
