@@ -170,7 +170,15 @@ impl MessagePlan {
         key: Option<&PiiKey>,
     ) -> Result<MessagePlan, SchemaError> {
         let mut path = vec![md.full_name().to_string()];
-        let plan = plan_message(md, 1, &mut path, key)?;
+        // Counted while planning: a type that reuses a message in several fields at several
+        // levels multiplies its columns, and planning it whole before counting could take
+        // more memory and time than the worker has.
+        let mut columns = METADATA_COLUMNS.len();
+        let plan = match plan_message(md, 1, &mut path, key, &mut columns) {
+            Err(PlanError::TooManyColumns) => return Err(too_many_columns(md, columns)),
+            Err(PlanError::Schema(e)) => return Err(e),
+            Ok(plan) => plan,
+        };
         for f in &plan.fields {
             let lower = f.field.name().to_ascii_lowercase();
             if METADATA_COLUMNS.iter().any(|(m, ..)| *m == lower) {
@@ -181,16 +189,7 @@ impl MessagePlan {
                 ));
             }
         }
-        let columns = plan.count_columns() + METADATA_COLUMNS.len();
-        if columns > MAX_COLUMNS {
-            return Err(SchemaError::InvalidField {
-                message_type: md.full_name().to_string(),
-                field: "*".to_string(),
-                reason: format!(
-                    "maps to {columns} columns, over BigQuery's limit of {MAX_COLUMNS}"
-                ),
-            });
-        }
+        debug_assert_eq!(columns, plan.count_columns() + METADATA_COLUMNS.len());
         Ok(plan)
     }
 
@@ -220,6 +219,31 @@ impl Shape {
     }
 }
 
+/// Why planning stopped.
+enum PlanError {
+    Schema(SchemaError),
+    /// The columns counted so far passed [`MAX_COLUMNS`]; planning stopped there.
+    TooManyColumns,
+}
+
+impl From<SchemaError> for PlanError {
+    fn from(e: SchemaError) -> Self {
+        PlanError::Schema(e)
+    }
+}
+
+fn too_many_columns(md: &MessageDescriptor, counted: usize) -> SchemaError {
+    SchemaError::InvalidField {
+        message_type: md.full_name().to_string(),
+        field: "*".to_string(),
+        reason: format!(
+            "maps to more than {MAX_COLUMNS} columns, BigQuery's limit (planning stopped at \
+             {counted}, metadata columns included): a message type used by several fields at \
+             several levels multiplies its columns; flatten the type or drop fields"
+        ),
+    }
+}
+
 fn invalid(md: &MessageDescriptor, f: &FieldDescriptor, reason: &str) -> SchemaError {
     SchemaError::InvalidField {
         message_type: md.full_name().to_string(),
@@ -234,7 +258,8 @@ fn plan_message(
     level: usize,
     path: &mut Vec<String>,
     pii_key: Option<&PiiKey>,
-) -> Result<MessagePlan, SchemaError> {
+    columns: &mut usize,
+) -> Result<MessagePlan, PlanError> {
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut fields = Vec::new();
     let mut oneof_names: Vec<String> = Vec::new();
@@ -244,18 +269,15 @@ fn plan_message(
         let name = fd.name();
         let lower = name.to_ascii_lowercase();
         if name.len() > MAX_NAME_LEN {
-            return Err(invalid(
-                md,
-                &fd,
-                "name is longer than BigQuery's 300 characters",
-            ));
+            return Err(invalid(md, &fd, "name is longer than BigQuery's 300 characters").into());
         }
         if let Some(p) = RESERVED_PREFIXES.iter().find(|p| lower.starts_with(**p)) {
             return Err(invalid(
                 md,
                 &fd,
                 &format!("name starts with BigQuery's reserved prefix `{p}`"),
-            ));
+            )
+            .into());
         }
         if let Some(other) = seen.insert(lower, name.to_string()) {
             return Err(invalid(
@@ -264,7 +286,8 @@ fn plan_message(
                 &format!(
                     "differs from field `{other}` only in case; BigQuery names are case-insensitive"
                 ),
-            ));
+            )
+            .into());
         }
         let pii = match crate::pii::field_action(&fd)? {
             Some(PiiAction::Drop) => continue,
@@ -280,12 +303,22 @@ fn plan_message(
             let key = entry.map_entry_key_field().kind();
             let value_field = entry.map_entry_value_field();
             // The entry RECORD is at this level; its value one deeper.
-            let value = kind_shape(&value_field.kind(), level + 1, path, pii_key)?.map(Box::new);
+            let value =
+                kind_shape(&value_field.kind(), level + 1, path, pii_key, columns)?.map(Box::new);
             Some(Shape::Map { key, value })
         } else {
-            kind_shape(&fd.kind(), level, path, pii_key)?
+            kind_shape(&fd.kind(), level, path, pii_key, columns)?
         };
         if let Some(shape) = shape {
+            // The field's column, and a map's key and value columns (what is under them
+            // was counted when it was planned).
+            *columns += match &shape {
+                Shape::Map { value, .. } => 2 + usize::from(value.is_some()),
+                _ => 1,
+            };
+            if *columns > MAX_COLUMNS {
+                return Err(PlanError::TooManyColumns);
+            }
             let json_key = format!("\"{name}\":").into_bytes().into_boxed_slice();
             let oneof = fd
                 .containing_oneof()
@@ -349,7 +382,8 @@ fn kind_shape(
     level: usize,
     path: &mut Vec<String>,
     key: Option<&PiiKey>,
-) -> Result<Option<Shape>, SchemaError> {
+    columns: &mut usize,
+) -> Result<Option<Shape>, PlanError> {
     let md = match kind {
         Kind::Message(md) => md,
         Kind::Enum(ed) => return Ok(Some(Shape::Enum(EnumNames::new(ed)))),
@@ -377,12 +411,13 @@ fn kind_shape(
                              marked (logflow.pii), which cannot be applied inside JSON: \
                              unmark it or restructure the type"
                         ),
-                    });
+                    }
+                    .into());
                 }
                 Some(Shape::Json(md.clone()))
             } else {
                 path.push(name);
-                let sub = plan_message(md, level + 1, path, key);
+                let sub = plan_message(md, level + 1, path, key, columns);
                 path.pop();
                 let sub = sub?;
                 if sub.fields.is_empty() {
@@ -471,5 +506,45 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("only in case"), "{e}");
+    }
+
+    /// A message of `n` string fields.
+    fn flat(n: usize) -> String {
+        let fields: String = (1..=n).map(|i| format!("string f{i} = {i}; ")).collect();
+        format!("syntax = \"proto3\"; package t; message Wide {{ {fields} }}")
+    }
+
+    #[test]
+    fn columns_up_to_the_limit_are_planned_and_one_more_is_refused() {
+        let fit = MAX_COLUMNS - METADATA_COLUMNS.len();
+        let p = plan_of(&flat(fit), "t.Wide").unwrap();
+        assert_eq!(p.count_columns(), fit);
+        let err = plan_of(&flat(fit + 1), "t.Wide").unwrap_err().to_string();
+        assert!(err.contains("more than 10000 columns"), "{err}");
+    }
+
+    #[test]
+    fn a_type_reused_at_every_level_is_refused_without_planning_it_whole() {
+        // Each level holds the next one four times: 4^14 ≈ 268 million columns if planned
+        // whole. Counting while planning stops at the limit instead.
+        let mut src = String::from("syntax = \"proto3\"; package t;\n");
+        for i in 1..14 {
+            let n = i + 1;
+            src.push_str(&format!(
+                "message L{i} {{ L{n} a = 1; L{n} b = 2; L{n} c = 3; map<string, L{n}> d = 4; }}\n"
+            ));
+        }
+        src.push_str("message L14 { string x = 1; }\n");
+        let err = plan_of(&src, "t.L1").unwrap_err();
+        let SchemaError::InvalidField {
+            message_type,
+            reason,
+            ..
+        } = &err
+        else {
+            panic!("{err}");
+        };
+        assert_eq!(message_type, "t.L1");
+        assert!(reason.contains("more than 10000 columns"), "{reason}");
     }
 }
