@@ -90,7 +90,13 @@ pub async fn load_registry(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Re
         });
     }
     // Compiling is CPU work (the worker reloads schemas while it runs): off the runtime.
-    let registry = tokio::task::spawn_blocking(move || Registry::from_sources(&sources)).await??;
+    let registry = tokio::task::spawn_blocking(move || {
+        let registry = Registry::from_sources(&sources)?;
+        // Hashing every file is CPU work too: done here, once.
+        registry.fingerprint();
+        anyhow::Ok(registry)
+    })
+    .await??;
     Ok(registry.with_pii_key(crate::pii_key_from_env()?))
 }
 
@@ -188,7 +194,7 @@ pub async fn check_destinations(cfg: &Config, clients: &Clients) -> anyhow::Resu
                 p.subscription.rsplit('/').next().unwrap_or(&p.subscription)
             ),
             Ok(SubscriptionCheck::Denied(e)) => anyhow::bail!(
-                "{at}.subscription: not allowed to read `{subscription}`: grant the worker's service account roles/pubsub.subscriber on it ({e})"
+                "{at}.subscription: not allowed to read `{subscription}`: this check needs pubsub.subscriptions.get (e.g. roles/pubsub.viewer) on it, beside the roles/pubsub.subscriber the worker pulls with ({e})"
             ),
             Err(e) => anyhow::bail!(
                 "{at}.subscription: cannot reach Pub/Sub to check `{subscription}`: {e} (check the network, or PUBSUB_EMULATOR_HOST)"
@@ -415,35 +421,59 @@ async fn watch_schemas(
                 types
             })
             .collect();
-        let used: Vec<&str> = in_use.iter().map(String::as_str).collect();
-        let mut why = current.incompatibilities(&new, &used);
-        why.extend(column_conflicts(&current, &new, &used));
-        for t in &used {
-            if let Err(e) = new
-                .message(t)
-                .map_err(anyhow::Error::from)
-                .and_then(|md| Ok(logflow_schema::RowEncoder::with_pii_key(md, new.pii_key())?))
-            {
-                why.push(format!("{t}: {e:#}"));
-            }
-        }
+        // Planning every type in use is CPU work: off the runtime, and so is the switch, which
+        // plans each pipeline's default type again.
+        let why = {
+            let (current, new, routers) = (current.clone(), new.clone(), routers.clone());
+            tokio::task::spawn_blocking(move || {
+                let why = reload_refusals(&current, &new, &in_use);
+                if why.is_empty() {
+                    for (router, _, _) in &routers {
+                        if let Err(e) = router.reload(new.clone()) {
+                            // Checked above; a failure here would leave pipelines on
+                            // different versions.
+                            error!(error = %format!("{e:#}"), "schema reload failed for a pipeline");
+                        }
+                    }
+                }
+                why
+            })
+            .await
+            .unwrap_or_else(|e| vec![format!("checking the new version failed: {e}")])
+        };
         if !why.is_empty() {
             error!(version = %version, keeping = %current.fingerprint(), reasons = %why.join("; "), "schema reload refused: not a compatible evolution");
             count(true);
             refused_version = Some(version);
             continue;
         }
-        for (router, _, _) in &routers {
-            if let Err(e) = router.reload(new.clone()) {
-                // Checked above; a failure here would leave pipelines on different versions.
-                error!(error = %format!("{e:#}"), "schema reload failed for a pipeline");
-            }
-        }
         info!(from = %current.fingerprint(), to = %version, "schema reloaded");
         count(false);
         refused_version = None;
         current = new;
     }
+}
+
+/// Why `new` cannot replace `current` for the message types in use (empty: it can): an
+/// incompatible evolution, a column that would change type, or a type that no longer plans.
+fn reload_refusals(
+    current: &Registry,
+    new: &Registry,
+    in_use: &std::collections::BTreeSet<String>,
+) -> Vec<String> {
+    let used: Vec<&str> = in_use.iter().map(String::as_str).collect();
+    let mut why = current.incompatibilities(new, &used);
+    why.extend(column_conflicts(current, new, &used));
+    for t in &used {
+        if let Err(e) = new
+            .message(t)
+            .map_err(anyhow::Error::from)
+            .and_then(|md| Ok(logflow_schema::RowEncoder::with_pii_key(md, new.pii_key())?))
+        {
+            why.push(format!("{t}: {e:#}"));
+        }
+    }
+    why
 }
 
 /// Columns of the types in `used` that the new schemas would give another type or mode than
