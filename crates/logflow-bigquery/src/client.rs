@@ -7,7 +7,7 @@ use gcp_bigquery_client::error::BQError;
 use gcp_bigquery_client::model::query_request::QueryRequest;
 use gcp_bigquery_client::model::table::Table;
 use logflow_core::json::push_str;
-use logflow_core::{RetryPolicy, Stats, TokenProvider};
+use logflow_core::{RetryPolicy, Stats, TokenError, TokenProvider};
 use serde::Deserialize;
 use tracing::warn;
 
@@ -209,14 +209,14 @@ impl BigQuery {
         let http = reqwest::Client::builder()
             .timeout(options.request_timeout)
             .build()
-            .map_err(|e| BqError::Auth(e.to_string()))?;
+            .map_err(|e| BqError::Auth(TokenError::permanent(e.to_string())))?;
         let auth = Arc::new(BqAuthenticator(Arc::clone(&options.tokens)));
         let admin = gcp_bigquery_client::client_builder::ClientBuilder::new()
             .with_v2_base_url(base.clone())
             .with_client(http.clone())
             .build_from_authenticator(auth)
             .await
-            .map_err(|e| BqError::Auth(e.to_string()))?;
+            .map_err(|e| BqError::Auth(TokenError::permanent(e.to_string())))?;
         let storage = StorageWriteClient::new(
             options.storage_emulator_endpoint.as_deref(),
             options.request_timeout,
@@ -710,7 +710,7 @@ fn admin_error(op: &'static str, target: &str, e: BQError) -> BqError {
             target: target.to_string(),
             message: e.to_string(),
         },
-        BQError::NoToken => BqError::Auth("no access token".into()),
+        BQError::NoToken => BqError::Auth(TokenError::permanent("no access token")),
         other => BqError::Protocol {
             op,
             target: target.to_string(),

@@ -33,7 +33,7 @@ pub enum BqError {
     },
     /// Credentials could not be obtained.
     #[error("bigquery: credentials: {0}")]
-    Auth(String),
+    Auth(logflow_core::TokenError),
     /// A gRPC call (the Storage Write API) failed.
     #[error("bigquery: {op} {target}: {code:?}: {message}")]
     Grpc {
@@ -93,6 +93,7 @@ impl BqError {
                 tonic::Code::DeadlineExceeded => "timeout",
                 tonic::Code::Internal => "grpc_internal",
                 tonic::Code::Aborted => "grpc_aborted",
+                tonic::Code::Unauthenticated => "grpc_unauthenticated",
                 _ => "grpc_other",
             },
             BqError::Auth(_) => "auth",
@@ -121,6 +122,7 @@ impl Classify for BqError {
                 ErrorClass::Transient
             }
             BqError::Grpc { code, .. } => grpc_class(*code),
+            BqError::Auth(e) if e.transient => ErrorClass::Transient,
             BqError::Auth(_) | BqError::Schema { .. } => ErrorClass::Permanent,
             BqError::Protocol { .. } => ErrorClass::Transient,
         }
@@ -128,7 +130,8 @@ impl Classify for BqError {
 }
 
 /// Which gRPC failures are worth retrying: the service's own trouble and quota (UNAVAILABLE,
-/// INTERNAL, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED, UNKNOWN, CANCELLED); a missing
+/// INTERNAL, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED, UNKNOWN, CANCELLED) and an
+/// expired token (UNAUTHENTICATED: the retry fetches a fresh one); a missing
 /// table, a permission, a malformed request are not.
 fn grpc_class(code: tonic::Code) -> ErrorClass {
     use tonic::Code;
@@ -139,7 +142,9 @@ fn grpc_class(code: tonic::Code) -> ErrorClass {
         | Code::DeadlineExceeded
         | Code::Aborted
         | Code::Unknown
-        | Code::Cancelled => ErrorClass::Transient,
+        | Code::Cancelled
+        // A token that expired on the way, as HTTP 401.
+        | Code::Unauthenticated => ErrorClass::Transient,
         _ => ErrorClass::Permanent,
     }
 }
@@ -170,6 +175,16 @@ mod tests {
         assert_eq!(http(500, "").class(), ErrorClass::Transient);
         assert_eq!(http(503, "backendError").class(), ErrorClass::Transient);
         assert_eq!(http(400, "invalid").class(), ErrorClass::Permanent);
+        // A token that expired on the way: the retry asks the credentials for a fresh one.
+        assert_eq!(http(401, "unauthorized").class(), ErrorClass::Transient);
+        let auth = |transient| {
+            BqError::Auth(logflow_core::TokenError {
+                message: "metadata server".into(),
+                transient,
+            })
+        };
+        assert_eq!(auth(true).class(), ErrorClass::Transient);
+        assert_eq!(auth(false).class(), ErrorClass::Permanent);
         let grpc = |code| BqError::Grpc {
             op: "AppendRows",
             target: "d.t".into(),
@@ -185,6 +200,10 @@ mod tests {
             ErrorClass::Transient
         );
         assert_eq!(grpc(tonic::Code::NotFound).class(), ErrorClass::Permanent);
+        assert_eq!(
+            grpc(tonic::Code::Unauthenticated).class(),
+            ErrorClass::Transient
+        );
         assert_eq!(
             grpc(tonic::Code::PermissionDenied).class(),
             ErrorClass::Permanent

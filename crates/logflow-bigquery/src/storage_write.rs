@@ -583,9 +583,11 @@ impl StorageWriteClient {
         if let Some(t) = token {
             md.insert(
                 "authorization",
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| BqError::Auth("token is not a header value".into()))?,
+                format!("Bearer {t}").parse().map_err(|_| {
+                    BqError::Auth(logflow_core::TokenError::permanent(
+                        "token is not a header value",
+                    ))
+                })?,
             );
         }
         let params = format!("write_stream={}", percent_encode(&write_stream));

@@ -20,7 +20,7 @@ pub mod stats;
 pub mod time;
 
 pub use ack::{AckHandle, AckPart};
-pub use auth::{NoAuth, TokenProvider};
+pub use auth::{NoAuth, TokenError, TokenProvider};
 pub use batch::BatchLimits;
 pub use error::{Classify, ErrorClass};
 pub use record::{Burst, Envelope, Record};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use google_cloud_gax::retry_policy::NeverRetry;
 use google_cloud_storage::client::Storage;
-use logflow_core::{RetryPolicy, Stats, TokenProvider};
+use logflow_core::{RetryPolicy, Stats, TokenError, TokenProvider};
 use serde::Deserialize;
 use tracing::warn;
 
@@ -76,7 +76,7 @@ impl Gcs {
         let storage = builder
             .build()
             .await
-            .map_err(|e| GcsError::Auth(e.to_string()))?;
+            .map_err(|e| GcsError::Auth(TokenError::permanent(e.to_string())))?;
         let json_api = options
             .emulator_endpoint
             .clone()
@@ -84,7 +84,7 @@ impl Gcs {
         let http = reqwest::Client::builder()
             .timeout(options.request_timeout)
             .build()
-            .map_err(|e| GcsError::Auth(e.to_string()))?;
+            .map_err(|e| GcsError::Auth(TokenError::permanent(e.to_string())))?;
         Ok(Gcs {
             storage,
             http,
@@ -297,12 +297,15 @@ fn sdk_error(
         };
     }
     // A credentials failure the library marks transient (the metadata server busy, a token
-    // refresh that timed out) is retried like a network error; other ones are permanent.
-    let transient_credentials = std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<google_cloud_gax::error::CredentialsError>())
-        .is_some_and(|c| c.is_transient());
-    if e.is_authentication() && !transient_credentials {
-        return GcsError::Auth(e.to_string());
+    // refresh that timed out) is retried; other ones are permanent.
+    if e.is_authentication() {
+        let transient = std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<google_cloud_gax::error::CredentialsError>())
+            .is_some_and(|c| c.is_transient());
+        return GcsError::Auth(TokenError {
+            message: e.to_string(),
+            transient,
+        });
     }
     GcsError::Transport {
         op,

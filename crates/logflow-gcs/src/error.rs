@@ -35,7 +35,7 @@ pub enum GcsError {
     },
     /// Credentials could not be obtained.
     #[error("gcs: credentials: {0}")]
-    Auth(String),
+    Auth(logflow_core::TokenError),
     /// An object's contents could not be encoded or decoded.
     #[error("gcs: {0}")]
     Format(String),
@@ -60,6 +60,7 @@ impl Classify for GcsError {
         match self {
             GcsError::Http { status, .. } => classify_http_status(*status),
             GcsError::Transport { .. } => ErrorClass::Transient,
+            GcsError::Auth(e) if e.transient => ErrorClass::Transient,
             GcsError::Auth(_) => ErrorClass::Permanent,
             GcsError::Format(_) => ErrorClass::Permanent,
         }

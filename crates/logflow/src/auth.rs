@@ -2,8 +2,8 @@
 //! calls logflow makes itself. Pub/Sub and Storage SDK clients use ADC on their own.
 
 use google_cloud_auth::credentials::{AccessTokenCredentials, Builder};
-use logflow_core::TokenProvider;
 use logflow_core::auth::BoxFuture;
+use logflow_core::{TokenError, TokenProvider};
 
 /// OAuth scope covering BigQuery and Cloud Storage.
 const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
@@ -24,13 +24,16 @@ impl AdcTokens {
 }
 
 impl TokenProvider for AdcTokens {
-    fn token(&self) -> BoxFuture<'_, Result<Option<String>, String>> {
+    fn token(&self) -> BoxFuture<'_, Result<Option<String>, TokenError>> {
         Box::pin(async move {
             self.0
                 .access_token()
                 .await
                 .map(|t| Some(t.token))
-                .map_err(|e| e.to_string())
+                .map_err(|e| TokenError {
+                    transient: e.is_transient(),
+                    message: e.to_string(),
+                })
         })
     }
 }
