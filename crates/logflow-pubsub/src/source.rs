@@ -295,6 +295,10 @@ impl PubsubSource {
                 .set_max_lease(o.max_lease)
                 .set_shutdown_behavior(ShutdownBehavior::WaitForProcessing)
                 .build();
+            // The streams opened before this one are dropped (which shuts them down): keep
+            // only the tokens of those still settling their messages, so that a worker
+            // re-opening idle streams for weeks does not accumulate them.
+            tokens.retain(|t: &ShutdownToken| t.shutdown().now_or_never().is_none());
             tokens.push(stream.shutdown_token());
             info!(subscription = %o.subscription, stream = index, "streaming pull opened");
             loop {
