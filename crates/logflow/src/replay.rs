@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use logflow_core::time::{hive_partition, parse_rfc3339_utc};
 use logflow_core::{AckHandle, AckPart, Envelope, Record};
-use logflow_gcs::{ObjectInfo, archive, deadletter};
+use logflow_gcs::{Gcs, ObjectInfo, archive, deadletter};
 use logflow_schema::RowMeta;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -225,12 +225,12 @@ async fn list_objects(
 
 /// Reads one object into records.
 async fn read_object(
-    clients: &Clients,
+    gcs: &Gcs,
     bucket: &str,
     name: &str,
     dead_letters: bool,
 ) -> anyhow::Result<Vec<Record>> {
-    let file = clients.gcs.get(bucket, name).await?;
+    let file = gcs.get(bucket, name).await?;
     if !dead_letters {
         let file = Bytes::clone(&file);
         return Ok(tokio::task::spawn_blocking(move || archive::decode(file))
@@ -502,12 +502,21 @@ pub async fn replay(
     };
 
     let unreadable = Arc::new(AtomicUsize::new(0));
+    // Each read is a task of its own: it goes on while the loop below waits for the stages
+    // (BigQuery slower than GCS), where a read inside this stream would not be polled, and
+    // would stall until its request timed out. At most `concurrency` are read or held.
     let reads = futures::stream::iter(objects.iter().cloned())
         .map(|o| {
-            let clients = &clients;
-            let bucket = &bucket;
+            let (gcs, bucket, dead_letters) =
+                (clients.gcs.clone(), bucket.clone(), opts.dead_letters);
+            let name = o.name.clone();
+            let read =
+                tokio::spawn(async move { read_object(&gcs, &bucket, &name, dead_letters).await });
             async move {
-                let r = read_object(clients, bucket, &o.name, opts.dead_letters).await;
+                let r = read
+                    .await
+                    .map_err(|e| anyhow::anyhow!("reading the object failed: {e}"))
+                    .and_then(|r| r);
                 (o, r)
             }
         })
@@ -639,7 +648,7 @@ async fn dry_run(
     let mut scratch = Vec::new();
     for object in objects {
         let name = &object.name;
-        let read = read_object(clients, bucket, name, opts.dead_letters).await;
+        let read = read_object(&clients.gcs, bucket, name, opts.dead_letters).await;
         progress.object_read(object.size);
         let records = match read {
             Ok(r) => r,
