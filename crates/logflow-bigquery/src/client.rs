@@ -604,14 +604,25 @@ impl BigQuery {
         Err(http_error(op, target, status, &body))
     }
 
-    /// Runs a standard-SQL query and returns its rows as cell values.
+    /// Runs a standard-SQL query and returns its rows as cell values; transient failures are
+    /// retried.
     pub async fn query(&self, sql: &str) -> Result<Vec<Vec<Option<serde_json::Value>>>, BqError> {
+        // A read: retrying a transient failure (a pooled connection the server was closing,
+        // say) cannot change anything.
         let resp = self
-            .admin
-            .job()
-            .query(&self.options.project, QueryRequest::new(sql))
-            .await
-            .map_err(|e| admin_error("jobs.query", sql, e))?;
+            .options
+            .retry
+            .run(
+                || async {
+                    self.admin
+                        .job()
+                        .query(&self.options.project, QueryRequest::new(sql))
+                        .await
+                        .map_err(|e| admin_error("jobs.query", sql, e))
+                },
+                |e, n| warn!(attempt = n, error = %e, "bigquery query failed, retrying"),
+            )
+            .await?;
         Ok(resp
             .rows
             .unwrap_or_default()

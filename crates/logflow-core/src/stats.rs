@@ -256,15 +256,18 @@ impl Stats {
     /// Counts a retry of a write to `sink` (`gcs`, `bigquery`, `bigquery_storage`) for
     /// `reason` (`http_503`, `timeout`, `connection`...); [`Stats::retries`] counts them all.
     pub fn add_retry(&self, sink: &'static str, reason: &'static str) {
-        self.add(&self.retries, 1);
-        let mut reasons = self
-            .retry_reasons
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match reasons.iter_mut().find(|(k, _)| *k == (sink, reason)) {
-            Some((_, count)) => *count += 1,
-            None => reasons.push(((sink, reason), 1)),
+        {
+            let mut reasons = self
+                .retry_reasons
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match reasons.iter_mut().find(|(k, _)| *k == (sink, reason)) {
+                Some((_, count)) => *count += 1,
+                None => reasons.push(((sink, reason), 1)),
+            }
         }
+        // Last: `add` wakes the waiters, who may read the reasons.
+        self.add(&self.retries, 1);
     }
 
     /// Retries so far by (sink, reason), sorted.

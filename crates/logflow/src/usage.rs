@@ -184,7 +184,20 @@ mod tests {
     fn usage_is_read() {
         let u = super::current();
         assert!(u.max_rss_bytes > 0, "{u:?}");
-        assert!(u.user_seconds + u.system_seconds >= 0.0);
+        // CPU time is read, not made up: spinning shows as 10 ms more of it.
+        let cpu = |u: &super::Usage| u.user_seconds + u.system_seconds;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut x = 0u64;
+        while cpu(&super::current()) < cpu(&u) + 0.01 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "10 s of spinning did not show as 10 ms of CPU time"
+            );
+            for i in 0..100_000u64 {
+                x = x.wrapping_add(std::hint::black_box(i));
+            }
+        }
+        std::hint::black_box(x);
     }
 
     #[test]

@@ -116,7 +116,8 @@ async fn faults_and_outages_lose_nothing(write_api: &str, n: usize, seed: u64) {
         .expect("an attempt timed out during the hang and was retried");
     all.iter().for_each(|p| p.set(Fault::Pass));
     // 4. Everything passes again: the same worker, never restarted, finishes the work.
-    let direct = Clients::connect(&cfg, &s.emu.endpoints).await.unwrap();
+    // The checks read the outputs with the usual timeouts, not the worker's short ones.
+    let direct = checking_clients(&s).await;
     let snap = recovered(&s, &direct, running, &shutdown).await;
     assert_eq!(
         snap.failed_writes_in_a_row, 0,
@@ -132,18 +133,20 @@ async fn faults_and_outages_lose_nothing(write_api: &str, n: usize, seed: u64) {
         faults > 0 && snap.retries > 0,
         "faults were injected and retried: {snap:?}"
     );
+    // Step 2 gave batches up: their messages were nacked (and came back: nothing is lost).
+    assert!(snap.nacked > 0, "the outages nacked messages: {snap:?}");
     eprintln!(
         "chaos ({write_api}): {faults} faulty connections, {} retries, {} messages nacked and redelivered, {dups} archived twice, 0 lost",
         snap.retries, snap.nacked
     );
 }
 
-/// A real GCS outage: the worker's GCS emulator (its own, storing on disk) is stopped for 20 s
-/// mid-run and started again with its data. Writes fail meanwhile, their messages are nacked
+/// A real GCS outage: the worker's GCS emulator (its own, storing on disk) is stopped mid-run,
+/// until the worker has given a batch up, and started again with its data. Writes fail meanwhile, their messages are nacked
 /// and come back; the same worker finishes, and the objects written before the outage are
 /// still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gcs_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
+async fn a_gcs_emulator_stopped_and_restarted_loses_nothing() {
     let mut gcs = PrivateEmulator::gcs().await.unwrap();
     let mut s = setup(3_000, 63).await;
     s.emu.endpoints.storage = Some(gcs.endpoint());
@@ -158,7 +161,7 @@ async fn a_gcs_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
         .expect("a quarter acked before the outage");
     let before = object_names(&clients, &s.raw).await;
     gcs.stop();
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    outage_seen(stats).await;
     gcs.resume().await.unwrap();
     let snap = recovered(&s, &clients, running, &shutdown).await;
     let dups = assert_complete(&s, &clients).await;
@@ -175,6 +178,17 @@ async fn a_gcs_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
         snap.retries,
         snap.nacked
     );
+}
+
+/// Waits until the worker has given a batch up after its retries (it reports itself not ready):
+/// the outage has been seen, and the batch's messages nacked.
+async fn outage_seen(stats: &logflow_core::Stats) {
+    tokio::time::timeout(
+        PROCESS_TIMEOUT,
+        stats.wait_for(|x| x.failed_writes_in_a_row > 0),
+    )
+    .await
+    .expect("a batch failed after its retries during the outage");
 }
 
 /// Waits until every message is accounted for in the outputs, with the worker never stopping
@@ -212,11 +226,11 @@ async fn object_names(clients: &Clients, bucket: &str) -> std::collections::BTre
 }
 
 /// A real BigQuery outage: the worker's BigQuery emulator (its own, with a data directory) is
-/// stopped for 20 s mid-run and started again with its tables. Inserts fail meanwhile, their
+/// stopped mid-run, until the worker has given a batch up, and started again with its tables. Inserts fail meanwhile, their
 /// messages are nacked and come back; the same worker finishes; the rows inserted before the
 /// outage are still there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bigquery_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
+async fn a_bigquery_emulator_stopped_and_restarted_loses_nothing() {
     let mut s = setup(6_000, 64).await;
     let mut bq = PrivateEmulator::bigquery(&s.emu.project).await.unwrap();
     s.emu.endpoints.bigquery = Some(bq.endpoint());
@@ -240,7 +254,7 @@ async fn a_bigquery_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
     };
     let rows_before = rows(clients.bq.query(&count).await.unwrap());
     bq.stop();
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    outage_seen(&stats).await;
     bq.resume().await.unwrap();
     // (More rows may have landed between the count and the stop.)
     let rows_after_restart = rows(clients.bq.query(&count).await.unwrap());
@@ -255,6 +269,57 @@ async fn a_bigquery_emulator_stopped_for_20_s_and_restarted_loses_nothing() {
         "bigquery restart: {} retries, {} nacked, {dups} archived twice, 0 lost",
         snap.retries, snap.nacked
     );
+}
+
+/// The ack rule while the raw archive cannot be written: BigQuery keeps taking rows, yet no
+/// message is acked that the archive does not hold (acks never outnumber archived messages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_acked_that_the_archive_does_not_hold() {
+    let s = setup(3_000, 65).await;
+    let gcs = FaultProxy::start(s.emu.endpoints.storage.as_deref().unwrap())
+        .await
+        .unwrap();
+    let yaml = config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream]).replace(
+        "retry: { max_attempts: 5, max_elapsed: 30s }",
+        "retry: { max_attempts: 4, max_elapsed: 5s, initial_backoff: 50ms, max_backoff: 1s }\nrequest_timeout: 2s",
+    );
+    let through_proxy = Endpoints {
+        storage: Some(gcs.endpoint()),
+        ..s.emu.endpoints.clone()
+    };
+    let (_, shutdown, running) = start_worker(&yaml, &through_proxy).await;
+    let direct = checking_clients(&s).await;
+    // From here on GCS accepts connections and never answers.
+    gcs.set(Fault::Hang);
+    let stats = std::sync::Arc::clone(&running.stats[0].1);
+    tokio::time::timeout(PROCESS_TIMEOUT, stats.wait_for(|x| x.inserted >= 100))
+        .await
+        .expect("rows reach BigQuery while GCS hangs");
+    // Acks first, then the archive: both only grow, so a worker that acks only what is
+    // archived can never show more acks than archived messages here.
+    let acked = stats.snapshot().acked;
+    let archived: usize = crate::consumption::archived(&direct, &s.raw, &s.stream.subscription)
+        .await
+        .iter()
+        .map(|(_, ids)| ids.len())
+        .sum();
+    assert!(
+        acked as usize <= archived,
+        "{acked} messages acked, {archived} archived"
+    );
+    gcs.set(Fault::Pass);
+    recovered(&s, &direct, running, &shutdown).await;
+    assert_complete(&s, &direct).await;
+    assert!(gcs.counts.faulted.load(Ordering::Relaxed) > 0);
+}
+
+/// Clients straight to the emulators, with the test configs' usual timeouts and retries, for
+/// reading what the worker wrote.
+async fn checking_clients(s: &Setup) -> Clients {
+    let yaml = config_yaml(&s.emu.project, &s.raw, &s.dlq, &s.dataset, &[&s.stream]);
+    Clients::connect(&load_config(&yaml), &s.emu.endpoints)
+        .await
+        .unwrap()
 }
 
 /// Starts an in-process worker on the setup's stream, with the setup's endpoints.

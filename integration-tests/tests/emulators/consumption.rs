@@ -37,7 +37,7 @@ async fn wait_acked(stats: &[&Stats], total: u64) {
 }
 
 /// Message ids in the archive objects of `subscription`, by object name.
-async fn archived(
+pub(crate) async fn archived(
     clients: &Clients,
     bucket: &str,
     subscription: &str,
@@ -242,6 +242,16 @@ async fn admin_get(addr: &str, path: &str) -> (String, String) {
 }
 
 /// Messages are flowing once the first raw-archive object exists.
+/// The value of counter `name` of the `auth` pipeline in a `/metrics` page.
+fn counter(metrics: &str, name: &str) -> u64 {
+    let prefix = format!("{name}{{pipeline=\"auth\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{name} is not exported: {metrics}"))
+}
+
 async fn wait_first_archive(s: &Setup, clients: &Clients) {
     let deadline = Instant::now() + PROCESS_TIMEOUT;
     while archived(clients, &s.raw, &s.stream.subscription)
@@ -267,11 +277,7 @@ async fn sigterm_flushes_acks_and_exits_zero_leaving_nothing_durable_unacked() {
     assert!(status.contains("200"), "{status} {ready}");
     let (status, metrics) = admin_get(&admin, "/metrics").await;
     assert!(status.contains("200"), "{status}");
-    let received = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("logflow_source_received_messages_total{pipeline=\"auth\"} "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("the received counter is exported");
+    let received = counter(&metrics, "logflow_source_received_messages_total");
     assert!(received > 0, "{metrics}");
     let pid = child.id().to_string();
     send_signal("-TERM", &pid);
@@ -457,6 +463,15 @@ async fn a_second_signal_forces_exit_and_the_next_worker_gets_the_rest() {
     // flow to the archive, but none can be acked.
     bq.set(Fault::Hang);
     wait_first_archive(&s, &clients).await;
+    // The ack rule, seen from outside: archived is not enough. Only malformed messages (dead
+    // letter and archive both written) may have been acked; every valid one waits on BigQuery.
+    let (_, metrics) = admin_get(&admin, "/metrics").await;
+    let malformed = (s.stream.published.len() - s.stream.valid_ids().len()) as u64;
+    let acked = counter(&metrics, "logflow_source_acked_messages_total");
+    assert!(
+        acked <= malformed,
+        "{acked} acked while BigQuery hangs, only {malformed} malformed messages could be"
+    );
     let pid = child.id().to_string();
     let term = || send_signal("-TERM", &pid);
     term();

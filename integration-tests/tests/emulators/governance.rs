@@ -115,7 +115,9 @@ async fn personal_data_never_reaches_bigquery_or_parquet_in_clear() {
         &[("LOGFLOW_PII_KEY", KEY), ("LOGFLOW_LOG_FORMAT", "json")],
     );
     let deadline = Instant::now() + PROCESS_TIMEOUT;
-    let count = format!("SELECT COUNT(*) FROM {dataset}.signups");
+    // Distinct: a redelivered message may be inserted twice, and would never let a plain
+    // count equal the number published.
+    let count = format!("SELECT COUNT(DISTINCT _message_id) FROM {dataset}.signups");
     loop {
         let n = clients
             .bq
@@ -186,7 +188,7 @@ async fn personal_data_never_reaches_bigquery_or_parquet_in_clear() {
     assert_eq!(seen.len(), expected.len());
 
     // Parsed Parquet: the same.
-    let mut parquet_rows = 0;
+    let mut parquet_ids = BTreeSet::new();
     let batches =
         logflow_integration_tests::outputs::parquet_batches(&clients.gcs, &parsed, "parsed/")
             .await
@@ -206,10 +208,11 @@ async fn personal_data_never_reaches_bigquery_or_parquet_in_clear() {
             let (email, _) = &expected[ids.value(i)];
             assert_eq!(emails.value(i), hmac_hex(email));
             assert_eq!(names.value(i), "****");
-            parquet_rows += 1;
+            parquet_ids.insert(ids.value(i).to_string());
         }
     }
-    assert!(parquet_rows >= expected.len(), "{parquet_rows} parsed rows");
+    // Every message has its parsed record (a redelivery may have written one twice).
+    assert_eq!(parquet_ids, seen, "parsed records");
 }
 
 const EVENT_V1: &str = "syntax = \"proto3\";\npackage reload.v1;\nmessage Event {\n  string name = 1;\n  int64 count = 2;\n}\n";
@@ -292,9 +295,11 @@ async fn schemas_reload_without_a_restart_and_refuse_incompatible_versions() {
     shutdown.cancel();
     running.done.await.unwrap().unwrap();
     let snap = stats.snapshot();
+    // (Nacks may happen: rows sent just after the table gained the new column can be refused
+    // for it, and such a message is nacked and comes back, not dead-lettered.)
     assert_eq!(
-        (snap.schema_reloads, snap.dead_lettered, snap.nacked),
-        (1, 0, 0),
+        (snap.schema_reloads, snap.dead_lettered),
+        (1, 0),
         "{snap:?}"
     );
 
