@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Renders every kustomization under deploy/ and validates each object against the Kubernetes
-# schemas, offline (kubectl kustomize + kubernetes-validate). KEDA's custom resources and Google
-# Managed Prometheus' PodMonitoring are not in those schemas and are skipped by kind.
+# Renders every kustomization under deploy/ (the base, each overlay, the base with each
+# component) and validates each object against the Kubernetes schemas, offline (kubectl
+# kustomize + kubernetes-validate). KEDA's custom resources and Google Managed Prometheus'
+# PodMonitoring are not in those schemas and are skipped by kind.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,8 +15,16 @@ if ! "$VENV/bin/python" -c "import kubernetes_validate" 2>/dev/null; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
 fi
 out="$(mktemp -d)"
-trap 'rm -rf "$out"' EXIT
-for dir in deploy/base deploy/overlays/*; do
+# Components cannot be rendered alone: each is rendered on the base, from a kustomization that
+# kustomize wants inside the tree (it refuses absolute paths).
+with="deploy/.validate-$$"
+trap 'rm -rf "$out" "$with"' EXIT
+for comp in deploy/components/*; do
+  mkdir -p "$with/$(basename "$comp")"
+  printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../../base]\ncomponents: [../../components/%s]\n' \
+    "$(basename "$comp")" > "$with/$(basename "$comp")/kustomization.yaml"
+done
+for dir in deploy/base deploy/overlays/* "$with"/*; do
   name="$(echo "$dir" | tr '/' '_')"
   kubectl kustomize "$dir" > "$out/$name.yaml"
   # One file per object, without the custom resources the schemas do not know.
@@ -30,5 +39,5 @@ for i, doc in enumerate(d for d in yaml.safe_load_all(open(src)) if d):
         yaml.safe_dump(doc, f)
 PY
   "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "$out/$name"-*.yaml
-  echo "validate-deploy: $dir ok ($(ls "$out/$name"-*.yaml | wc -l) objects)"
+  echo "validate-deploy: ${dir/#$with\//deploy/base + component } ok ($(ls "$out/$name"-*.yaml | wc -l) objects)"
 done

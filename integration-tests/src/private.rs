@@ -37,6 +37,9 @@ pub struct PrivateEmulator {
     grpc_port: u16,
     root: PathBuf,
     project: String,
+    /// While stopped, its ports stay bound (not listening: connections are refused, as by a
+    /// stopped server), so that nothing else picks them meanwhile.
+    reserved: Vec<tokio::net::TcpSocket>,
 }
 
 impl PrivateEmulator {
@@ -61,6 +64,7 @@ impl PrivateEmulator {
             grpc_port: free_port()?,
             root,
             project: project.to_string(),
+            reserved: Vec::new(),
         };
         e.resume().await?;
         Ok(e)
@@ -89,11 +93,23 @@ impl PrivateEmulator {
                 c.kill().ok();
             }
             c.wait().ok();
+            for port in [self.port, self.grpc_port] {
+                // (SO_REUSEADDR: the stopped server's connections may linger in TIME_WAIT.)
+                let socket = tokio::net::TcpSocket::new_v4().and_then(|s| {
+                    s.set_reuseaddr(true)?;
+                    s.bind(([127, 0, 0, 1], port).into())?;
+                    Ok(s)
+                });
+                if let Ok(s) = socket {
+                    self.reserved.push(s);
+                }
+            }
         }
     }
 
     /// Starts it (again) on the same ports and data, and waits until it answers.
     pub async fn resume(&mut self) -> anyhow::Result<()> {
+        self.reserved.clear();
         let (mut cmd, ready) = match self.kind {
             Kind::Gcs => {
                 let mut c = Command::new(env_path("LOGFLOW_FAKE_GCS_BIN")?);
@@ -137,6 +153,12 @@ impl PrivateEmulator {
             if let Ok(r) = http.get(&ready).send().await
                 && r.status().is_success()
             {
+                // Ours that answered, not another server on the port.
+                if let Some(c) = self.child.as_mut()
+                    && let Some(status) = c.try_wait()?
+                {
+                    bail!("the private {:?} emulator exited: {status}", self.kind);
+                }
                 return Ok(());
             }
             if Instant::now() > deadline {

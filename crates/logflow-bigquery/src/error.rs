@@ -93,7 +93,6 @@ impl BqError {
                 tonic::Code::DeadlineExceeded => "timeout",
                 tonic::Code::Internal => "grpc_internal",
                 tonic::Code::Aborted => "grpc_aborted",
-                tonic::Code::Unauthenticated => "grpc_unauthenticated",
                 _ => "grpc_other",
             },
             BqError::Auth(_) => "auth",
@@ -130,8 +129,7 @@ impl Classify for BqError {
 }
 
 /// Which gRPC failures are worth retrying: the service's own trouble and quota (UNAVAILABLE,
-/// INTERNAL, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED, UNKNOWN, CANCELLED) and an
-/// expired token (UNAUTHENTICATED: the retry fetches a fresh one); a missing
+/// INTERNAL, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ABORTED, UNKNOWN, CANCELLED); a missing
 /// table, a permission, a malformed request are not.
 fn grpc_class(code: tonic::Code) -> ErrorClass {
     use tonic::Code;
@@ -142,9 +140,7 @@ fn grpc_class(code: tonic::Code) -> ErrorClass {
         | Code::DeadlineExceeded
         | Code::Aborted
         | Code::Unknown
-        | Code::Cancelled
-        // A token that expired on the way, as HTTP 401.
-        | Code::Unauthenticated => ErrorClass::Transient,
+        | Code::Cancelled => ErrorClass::Transient,
         _ => ErrorClass::Permanent,
     }
 }
@@ -175,8 +171,9 @@ mod tests {
         assert_eq!(http(500, "").class(), ErrorClass::Transient);
         assert_eq!(http(503, "backendError").class(), ErrorClass::Transient);
         assert_eq!(http(400, "invalid").class(), ErrorClass::Permanent);
-        // A token that expired on the way: the retry asks the credentials for a fresh one.
-        assert_eq!(http(401, "unauthorized").class(), ErrorClass::Transient);
+        // The credentials library keeps its token until its own refresh: a retry would send
+        // the one just refused.
+        assert_eq!(http(401, "unauthorized").class(), ErrorClass::Permanent);
         let auth = |transient| {
             BqError::Auth(logflow_core::TokenError {
                 message: "metadata server".into(),
@@ -202,7 +199,7 @@ mod tests {
         assert_eq!(grpc(tonic::Code::NotFound).class(), ErrorClass::Permanent);
         assert_eq!(
             grpc(tonic::Code::Unauthenticated).class(),
-            ErrorClass::Transient
+            ErrorClass::Permanent
         );
         assert_eq!(
             grpc(tonic::Code::PermissionDenied).class(),

@@ -32,9 +32,9 @@ pub trait Classify {
 /// The class of an HTTP status code returned by a Google API.
 pub fn classify_http_status(status: u16) -> ErrorClass {
     match status {
-        // 401: the token expired or was revoked on the way; the next attempt asks the
-        // credentials for a fresh one. (403, a missing permission, needs an operator.)
-        401 | 408 | 429 | 500..=599 => ErrorClass::Transient,
+        // Not 401: the credentials library refreshes its cached token on its own schedule,
+        // so a retry would send the token just refused.
+        408 | 429 | 500..=599 => ErrorClass::Transient,
         _ => ErrorClass::Permanent,
     }
 }
@@ -43,7 +43,6 @@ pub fn classify_http_status(status: u16) -> ErrorClass {
 /// of the usual retryable ones, else its family.
 pub fn http_retry_reason(status: u16) -> &'static str {
     match status {
-        401 => "http_401",
         408 => "http_408",
         429 => "http_429",
         500 => "http_500",
@@ -75,7 +74,7 @@ mod tests {
     fn http_status_classes() {
         for (status, class) in [
             (400, ErrorClass::Permanent),
-            (401, ErrorClass::Transient),
+            (401, ErrorClass::Permanent),
             (403, ErrorClass::Permanent),
             (404, ErrorClass::Permanent),
             (408, ErrorClass::Transient),

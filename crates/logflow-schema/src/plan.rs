@@ -24,6 +24,19 @@ const RESERVED_PREFIXES: [&str; 6] = [
 const MAX_NAME_LEN: usize = 300;
 /// BigQuery's maximum number of columns in a table, nested ones included.
 const MAX_COLUMNS: usize = 10_000;
+/// The most fields planning visits for one table, columns or not (dropped fields, empty
+/// messages): a type whose sub-messages repeat at every level is refused, not planned for
+/// hours. Ten times the column limit leaves room for every legitimate schema.
+const MAX_VISITS: usize = 10 * MAX_COLUMNS;
+
+/// What planning one table has used so far.
+#[derive(Debug)]
+struct Budget {
+    /// Columns, metadata ones included.
+    columns: usize,
+    /// Fields visited.
+    visits: usize,
+}
 
 /// How one value is written.
 #[derive(Debug, Clone)]
@@ -173,9 +186,12 @@ impl MessagePlan {
         // Counted while planning: a type that reuses a message in several fields at several
         // levels multiplies its columns, and planning it whole before counting could take
         // more memory and time than the worker has.
-        let mut columns = METADATA_COLUMNS.len();
-        let plan = match plan_message(md, 1, &mut path, key, &mut columns) {
-            Err(PlanError::TooManyColumns) => return Err(too_many_columns(md, columns)),
+        let mut budget = Budget {
+            columns: METADATA_COLUMNS.len(),
+            visits: 0,
+        };
+        let plan = match plan_message(md, 1, &mut path, key, &mut budget) {
+            Err(PlanError::OverBudget) => return Err(over_budget(md, &budget)),
             Err(PlanError::Schema(e)) => return Err(e),
             Ok(plan) => plan,
         };
@@ -189,7 +205,10 @@ impl MessagePlan {
                 ));
             }
         }
-        debug_assert_eq!(columns, plan.count_columns() + METADATA_COLUMNS.len());
+        debug_assert_eq!(
+            budget.columns,
+            plan.count_columns() + METADATA_COLUMNS.len()
+        );
         Ok(plan)
     }
 
@@ -222,8 +241,9 @@ impl Shape {
 /// Why planning stopped.
 enum PlanError {
     Schema(SchemaError),
-    /// The columns counted so far passed [`MAX_COLUMNS`]; planning stopped there.
-    TooManyColumns,
+    /// The columns counted so far passed [`MAX_COLUMNS`], or the fields visited
+    /// [`MAX_VISITS`]; planning stopped there.
+    OverBudget,
 }
 
 impl From<SchemaError> for PlanError {
@@ -232,15 +252,25 @@ impl From<SchemaError> for PlanError {
     }
 }
 
-fn too_many_columns(md: &MessageDescriptor, counted: usize) -> SchemaError {
+fn over_budget(md: &MessageDescriptor, budget: &Budget) -> SchemaError {
+    let reason = if budget.columns > MAX_COLUMNS {
+        format!(
+            "maps to more than {MAX_COLUMNS} columns, BigQuery's limit (planning stopped at \
+             {}, metadata columns included): a message type used by several fields at several \
+             levels multiplies its columns; flatten the type or drop fields",
+            budget.columns
+        )
+    } else {
+        format!(
+            "has more than {MAX_VISITS} fields once its sub-messages are expanded (most map \
+             to no column: dropped or empty): a message type used by several fields at \
+             several levels multiplies them; flatten the type"
+        )
+    };
     SchemaError::InvalidField {
         message_type: md.full_name().to_string(),
         field: "*".to_string(),
-        reason: format!(
-            "maps to more than {MAX_COLUMNS} columns, BigQuery's limit (planning stopped at \
-             {counted}, metadata columns included): a message type used by several fields at \
-             several levels multiplies its columns; flatten the type or drop fields"
-        ),
+        reason,
     }
 }
 
@@ -258,7 +288,7 @@ fn plan_message(
     level: usize,
     path: &mut Vec<String>,
     pii_key: Option<&PiiKey>,
-    columns: &mut usize,
+    budget: &mut Budget,
 ) -> Result<MessagePlan, PlanError> {
     let mut seen: HashMap<String, String> = HashMap::new();
     let mut fields = Vec::new();
@@ -266,6 +296,10 @@ fn plan_message(
     let mut descriptors: Vec<FieldDescriptor> = md.fields().collect();
     descriptors.sort_by_key(|f| f.number());
     for fd in descriptors {
+        budget.visits += 1;
+        if budget.visits > MAX_VISITS {
+            return Err(PlanError::OverBudget);
+        }
         let name = fd.name();
         let lower = name.to_ascii_lowercase();
         if name.len() > MAX_NAME_LEN {
@@ -304,20 +338,20 @@ fn plan_message(
             let value_field = entry.map_entry_value_field();
             // The entry RECORD is at this level; its value one deeper.
             let value =
-                kind_shape(&value_field.kind(), level + 1, path, pii_key, columns)?.map(Box::new);
+                kind_shape(&value_field.kind(), level + 1, path, pii_key, budget)?.map(Box::new);
             Some(Shape::Map { key, value })
         } else {
-            kind_shape(&fd.kind(), level, path, pii_key, columns)?
+            kind_shape(&fd.kind(), level, path, pii_key, budget)?
         };
         if let Some(shape) = shape {
             // The field's column, and a map's key and value columns (what is under them
             // was counted when it was planned).
-            *columns += match &shape {
+            budget.columns += match &shape {
                 Shape::Map { value, .. } => 2 + usize::from(value.is_some()),
                 _ => 1,
             };
-            if *columns > MAX_COLUMNS {
-                return Err(PlanError::TooManyColumns);
+            if budget.columns > MAX_COLUMNS {
+                return Err(PlanError::OverBudget);
             }
             let json_key = format!("\"{name}\":").into_bytes().into_boxed_slice();
             let oneof = fd
@@ -382,7 +416,7 @@ fn kind_shape(
     level: usize,
     path: &mut Vec<String>,
     key: Option<&PiiKey>,
-    columns: &mut usize,
+    budget: &mut Budget,
 ) -> Result<Option<Shape>, PlanError> {
     let md = match kind {
         Kind::Message(md) => md,
@@ -417,7 +451,7 @@ fn kind_shape(
                 Some(Shape::Json(md.clone()))
             } else {
                 path.push(name);
-                let sub = plan_message(md, level + 1, path, key, columns);
+                let sub = plan_message(md, level + 1, path, key, budget);
                 path.pop();
                 let sub = sub?;
                 if sub.fields.is_empty() {
@@ -546,5 +580,21 @@ mod tests {
         };
         assert_eq!(message_type, "t.L1");
         assert!(reason.contains("more than 10000 columns"), "{reason}");
+    }
+
+    #[test]
+    fn a_type_reused_at_every_level_without_columns_is_refused_too() {
+        // The same tree, every leaf empty: no column is ever counted, but 4^13 fields would
+        // be visited.
+        let mut src = String::from("syntax = \"proto3\"; package t;\n");
+        for i in 1..14 {
+            let n = i + 1;
+            src.push_str(&format!(
+                "message L{i} {{ L{n} a = 1; L{n} b = 2; L{n} c = 3; L{n} d = 4; }}\n"
+            ));
+        }
+        src.push_str("message L14 {}\n");
+        let err = plan_of(&src, "t.L1").unwrap_err().to_string();
+        assert!(err.contains("more than 100000 fields"), "{err}");
     }
 }

@@ -510,8 +510,10 @@ pub async fn replay(
             let (gcs, bucket, dead_letters) =
                 (clients.gcs.clone(), bucket.clone(), opts.dead_letters);
             let name = o.name.clone();
-            let read =
-                tokio::spawn(async move { read_object(&gcs, &bucket, &name, dead_letters).await });
+            // Aborted if dropped: a replay that stops early leaves no download running.
+            let read = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                read_object(&gcs, &bucket, &name, dead_letters).await
+            }));
             async move {
                 let r = read
                     .await

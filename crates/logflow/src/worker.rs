@@ -421,31 +421,31 @@ async fn watch_schemas(
                 types
             })
             .collect();
-        // Planning every type in use is CPU work: off the runtime, and so is the switch, which
-        // plans each pipeline's default type again.
-        let why = {
-            let (current, new, routers) = (current.clone(), new.clone(), routers.clone());
-            tokio::task::spawn_blocking(move || {
-                let why = reload_refusals(&current, &new, &in_use);
-                if why.is_empty() {
-                    for (router, _, _) in &routers {
-                        if let Err(e) = router.reload(new.clone()) {
-                            // Checked above; a failure here would leave pipelines on
-                            // different versions.
-                            error!(error = %format!("{e:#}"), "schema reload failed for a pipeline");
-                        }
-                    }
-                }
-                why
-            })
-            .await
-            .unwrap_or_else(|e| vec![format!("checking the new version failed: {e}")])
+        // Planning every type in use is CPU work: off the runtime.
+        let checked = {
+            let (current, new) = (current.clone(), new.clone());
+            tokio::task::spawn_blocking(move || reload_refusals(&current, &new, &in_use)).await
+        };
+        let why = match checked {
+            Ok(why) => why,
+            Err(e) => {
+                // A bug, not a verdict on the version: nothing switched; tried again next time.
+                error!(version = %version, error = %e, "schema reload: checking the new version failed");
+                count(true);
+                continue;
+            }
         };
         if !why.is_empty() {
             error!(version = %version, keeping = %current.fingerprint(), reasons = %why.join("; "), "schema reload refused: not a compatible evolution");
             count(true);
             refused_version = Some(version);
             continue;
+        }
+        for (router, _, _) in &routers {
+            if let Err(e) = router.reload(new.clone()) {
+                // Checked above; a failure here would leave pipelines on different versions.
+                error!(error = %format!("{e:#}"), "schema reload failed for a pipeline");
+            }
         }
         info!(from = %current.fingerprint(), to = %version, "schema reloaded");
         count(false);
