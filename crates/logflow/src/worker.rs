@@ -116,6 +116,7 @@ pub async fn check_config(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Vec
             .message(&p.message_type)
             .with_context(|| format!("pipelines[{i}].message_type"))?;
         let schema = table_schema(&md).with_context(|| format!("pipelines[{i}].message_type"))?;
+        check_clustering(&format!("pipelines[{i}] ({})", p.name), p, &schema)?;
         // Rows can be encoded: a type with `(logflow.pii) = HASH` fields needs the key.
         logflow_schema::RowEncoder::with_pii_key(md.clone(), registry.pii_key())
             .with_context(|| format!("pipelines[{i}].message_type"))?;
@@ -127,6 +128,26 @@ pub async fn check_config(cfg: &Config, gcs: Option<&Gcs>) -> anyhow::Result<Vec
         ));
     }
     Ok(lines)
+}
+
+/// Every clustering column of pipeline `p` exists in its default type's table `schema` and can
+/// cluster.
+fn check_clustering(
+    at: &str,
+    p: &PipelineConfig,
+    schema: &serde_json::Value,
+) -> anyhow::Result<()> {
+    for (j, column) in p.bigquery.clustering.iter().enumerate() {
+        logflow_bigquery::evolve::check_clustering_column(&schema["fields"], column).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "{at}.bigquery.clustering[{j}]: {e} (message type {})",
+                    p.message_type
+                )
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// What a failed bucket check means for an operator: the bucket is missing, not ours to use,
@@ -360,7 +381,11 @@ pub async fn start(
                 .map_err(|e| anyhow::anyhow!("pipeline task failed: {e}"))
                 .and_then(|r| r);
             if let Err(e) = r {
-                error!(error = %format!("{e:#}"), "pipeline stopped with an error");
+                // A pipeline that stopped for good must not hide in a worker that looks
+                // healthy: the others drain and stop too, and the worker exits non-zero (its
+                // restart, or its crash loop, is what an operator sees).
+                error!(error = %format!("{e:#}"), "pipeline stopped with an error; stopping the worker");
+                shutdown.cancel();
                 first.get_or_insert(e);
             }
         }
@@ -512,16 +537,7 @@ pub async fn prepare(
     .with_context(|| format!("{at}.message_type"))?;
     let default = router.default_route();
     let schema = table_schema(default.encoder.descriptor())?;
-    for (j, column) in p.bigquery.clustering.iter().enumerate() {
-        logflow_bigquery::evolve::check_clustering_column(&schema["fields"], column).map_err(
-            |e| {
-                anyhow::anyhow!(
-                    "{at}.bigquery.clustering[{j}]: {e} (message type {})",
-                    p.message_type
-                )
-            },
-        )?;
-    }
+    check_clustering(&at, p, &schema)?;
     let status = clients
         .bq
         .ensure_table(
@@ -718,5 +734,24 @@ mod tests {
         // Adding a column is an evolution, not a conflict.
         let grown = registry("v3", "string status = 3; string extra = 4;");
         assert!(column_conflicts(&v1, &grown, &["e.E"]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn check_config_refuses_a_clustering_column_the_type_lacks() {
+        let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
+        let yaml = |clustering: &str| {
+            format!(
+                "project: p\nschemas: {{ proto_dirs: [\"{}\"] }}\npipelines:\n  - name: http\n    subscription: s\n    message_type: acme.http.v1.HttpAccessLog\n    bigquery: {{ dataset: d, table: t, clustering: [{clustering}] }}\n    archive: {{ bucket: raw }}\n    dead_letter: {{ bucket: dlq }}\n",
+                schemas.display()
+            )
+        };
+        let ok = Config::parse(&yaml("remote_ip")).unwrap();
+        check_config(&ok, None).await.unwrap();
+        let bad = Config::parse(&yaml("no_such_column")).unwrap();
+        let err = format!("{:#}", check_config(&bad, None).await.unwrap_err());
+        assert!(
+            err.contains("pipelines[0] (http).bigquery.clustering[0]"),
+            "{err}"
+        );
     }
 }
