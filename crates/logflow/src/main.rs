@@ -46,7 +46,9 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
-    /// Publish realistic sample messages (and some malformed ones) to a topic.
+    /// Publish realistic sample messages (with --malformed-fraction, some malformed) to a topic
+    /// of the Pub/Sub emulator (PUBSUB_EMULATOR_HOST), or, with --real, of real Pub/Sub. Each
+    /// message carries the attribute `logflow-sample: true`.
     Publish {
         /// Topic id or `projects/P/topics/T`.
         #[arg(long)]
@@ -69,6 +71,10 @@ enum Command {
         /// Seed of the generator.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Publish to real Pub/Sub (without PUBSUB_EMULATOR_HOST): sample messages land in the
+        /// tables of whatever pipeline reads the topic.
+        #[arg(long)]
+        real: bool,
     },
     /// Decode ONE binary payload (stdin by default) and print its insertAll row JSON (message
     /// fields only). A malformed payload exits 2 with a one-line classified error.
@@ -97,7 +103,8 @@ enum Command {
         /// Only messages published at or after this (UTC, `2026-11-27` or `2026-11-27T09:00:00Z`).
         #[arg(long)]
         since: Option<String>,
-        /// Only messages published before this (UTC).
+        /// Only messages published before this (UTC; exclusive: `--until 2026-11-28` ends with
+        /// the 27th).
         #[arg(long)]
         until: Option<String>,
         /// Write to DATASET.TABLE instead of the pipeline's table.
@@ -118,6 +125,10 @@ enum Command {
         /// Also write the pipeline's parsed Parquet output (e.g. to backfill it after turning it on).
         #[arg(long)]
         parsed: bool,
+        /// Also replay messages received on other subscriptions than the pipeline's (by
+        /// default they are left out and counted).
+        #[arg(long)]
+        any_subscription: bool,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -141,6 +152,8 @@ enum Command {
         what: SchemaCommand,
     },
     /// Show what the pipelines of a configuration have written (BigQuery rows, GCS objects).
+    /// For the emulators and small deployments: it runs a COUNT(DISTINCT _message_id) over each
+    /// whole table (a billed scan of that column) and reads every archive and dead-letter object.
     Inspect {
         /// The YAML configuration.
         #[arg(long, short)]
@@ -322,7 +335,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             count,
             malformed_fraction,
             seed,
+            real,
         } => {
+            if !(0.0..=1.0).contains(&malformed_fraction) {
+                anyhow::bail!("--malformed-fraction {malformed_fraction}: must be between 0 and 1");
+            }
+            let endpoints = Endpoints::from_env();
+            if endpoints.pubsub.is_none() && !real {
+                anyhow::bail!(
+                    "PUBSUB_EMULATOR_HOST is not set: this would publish sample messages to real \
+                     Pub/Sub, into the tables of whatever reads the topic. Set it for the \
+                     emulator, or pass --real."
+                );
+            }
             let topic = if topic.starts_with("projects/") {
                 topic
             } else {
@@ -336,11 +361,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let samples = SampleGen::new(seed, now).samples(&md, count, malformed_fraction);
             let malformed = samples.iter().filter(|s| s.malformed.is_some()).count();
             let bytes: usize = samples.iter().map(|s| s.payload.len()).sum();
-            let endpoints = Endpoints::from_env();
             let publisher = publish::publisher(&topic, endpoints.pubsub.as_deref()).await?;
+            let sample = || vec![("logflow-sample".to_string(), "true".to_string())];
             let ids = publish::publish_all(
                 &publisher,
-                samples.into_iter().map(|s| (s.payload, Vec::new())),
+                samples.into_iter().map(|s| (s.payload, sample())),
             )
             .await?;
             println!(
@@ -473,6 +498,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             checkpoint,
             concurrency,
             parsed,
+            any_subscription,
             json,
         } => {
             let cfg = Config::load(&config)?;
@@ -493,6 +519,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 checkpoint,
                 concurrency,
                 parsed,
+                any_subscription,
                 progress_bar: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             let clients = worker::Clients::connect(&cfg, &Endpoints::from_env()).await?;
@@ -501,23 +528,26 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string(&s)?);
             } else {
                 println!(
-                    "replay{}: {} objects ({} skipped by the checkpoint, {} unreadable), {} messages ({} outside the time range): {} rows, {} dead-lettered, {} failed, in {:.1}s",
+                    "replay{}: {} objects ({} skipped by the checkpoint, {} unreadable), {} messages ({} outside the time range, {} of other subscriptions): {} rows, {} dead-lettered, {} failed, in {:.1}s",
                     if dry_run { " (dry run)" } else { "" },
                     s.objects,
                     s.skipped,
                     s.unreadable,
                     s.messages,
                     s.filtered_out,
+                    s.other_subscription,
                     s.inserted,
                     s.dead_lettered,
                     s.failed,
                     s.seconds
                 );
             }
+            // 3, not 1: the replay ran, and some of it is to be done again (1 is an error
+            // that stopped it).
             Ok(if s.ok() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(3)
             })
         }
         Command::Inspect { config } => {

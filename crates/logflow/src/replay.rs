@@ -65,6 +65,9 @@ pub struct ReplayOptions {
     pub parsed: bool,
     /// Draw a progress bar (stderr is a terminal) instead of logging progress lines.
     pub progress_bar: bool,
+    /// Also replay messages received on other subscriptions than the pipeline's (by default
+    /// they are left out: `--from` at an archive's root holds every pipeline's messages).
+    pub any_subscription: bool,
 }
 
 /// The outcome of a replay.
@@ -84,6 +87,8 @@ pub struct ReplaySummary {
     pub messages: u64,
     /// Messages outside `--since` / `--until`.
     pub filtered_out: u64,
+    /// Messages received on another subscription than the pipeline's, left out.
+    pub other_subscription: u64,
     /// Rows accepted by BigQuery (in a dry run: rows that decoded).
     pub inserted: u64,
     /// Messages written to the dead-letter path (in a dry run: that would be).
@@ -223,24 +228,75 @@ async fn list_objects(
     Ok(names)
 }
 
-/// Reads one object into records.
+/// Says how many messages were left out for being another subscription's.
+fn warn_other_subscriptions(summary: &ReplaySummary, only: Option<&str>) {
+    if summary.other_subscription > 0
+        && let Some(only) = only
+    {
+        warn!(
+            messages = summary.other_subscription,
+            "messages received on other subscriptions than the pipeline's ({only}) were left \
+             out: --from holds other pipelines' data (name the subscription's folder), or \
+             --any-subscription replays them through this pipeline"
+        );
+    }
+}
+
+/// The messages of one object that the replay takes.
+struct ObjectRecords {
+    records: Vec<Record>,
+    /// Messages received on another subscription than `only`, left out.
+    other_subscription: u64,
+}
+
+/// Reads one object into records; with `only`, the messages received on another
+/// subscription are left out (and counted).
 async fn read_object(
     gcs: &Gcs,
     bucket: &str,
     name: &str,
     dead_letters: bool,
-) -> anyhow::Result<Vec<Record>> {
+    only: Option<&str>,
+) -> anyhow::Result<ObjectRecords> {
     let file = gcs.get(bucket, name).await?;
-    if !dead_letters {
+    let mut other_subscription = 0;
+    // By the subscription's id: archives record its full name, dead letters its id.
+    fn id(s: &str) -> &str {
+        s.rsplit('/').next().unwrap_or(s)
+    }
+    let only = only.map(id);
+    let mut ours = |subscription: &str| {
+        let keep = only.is_none_or(|o| o == id(subscription));
+        if !keep {
+            other_subscription += 1;
+        }
+        keep
+    };
+    let records = if dead_letters {
+        dead_letter_records(&file, &mut ours)?
+    } else {
         let file = Bytes::clone(&file);
-        return Ok(tokio::task::spawn_blocking(move || archive::decode(file))
+        tokio::task::spawn_blocking(move || archive::decode(file))
             .await??
             .into_iter()
+            .filter(|m| ours(&m.subscription))
             .map(|m| m.record)
-            .collect());
-    }
-    deadletter::decode(&file)?
+            .collect()
+    };
+    Ok(ObjectRecords {
+        records,
+        other_subscription,
+    })
+}
+
+/// The records of a dead-letter object whose subscription `keep` accepts.
+fn dead_letter_records(
+    file: &[u8],
+    keep: &mut impl FnMut(&str) -> bool,
+) -> anyhow::Result<Vec<Record>> {
+    deadletter::decode(file)?
         .into_iter()
+        .filter(|l| keep(&l.subscription))
         .map(|l| {
             let publish_time_micros = parse_rfc3339_utc(&l.publish_time).with_context(|| {
                 format!("message {}: publish_time {}", l.message_id, l.publish_time)
@@ -271,16 +327,33 @@ const CHECKPOINT_HEADER: &str = "# logflow replay into ";
 /// versions have no header).
 fn read_checkpoint(path: &PathBuf) -> anyhow::Result<(HashSet<String>, Option<String>)> {
     match std::fs::read_to_string(path) {
-        Ok(text) => Ok((
-            text.lines()
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_string)
-                .collect(),
-            text.lines()
+        Ok(text) => {
+            let mut done = HashSet::new();
+            for (n, line) in text.lines().enumerate() {
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                // `gs://BUCKET/NAME`, or a bare object name of earlier versions: anything else
+                // means the file is not a checkpoint (a mistyped path), and appending to it
+                // would damage it.
+                if line.contains(char::is_whitespace)
+                    || !(line.starts_with("gs://") || line.contains('/'))
+                {
+                    bail!(
+                        "--checkpoint {}: line {} is not an object replayed ({line:?}); is this the checkpoint file?",
+                        path.display(),
+                        n + 1
+                    );
+                }
+                done.insert(line.to_string());
+            }
+            let recorded_for = text
+                .lines()
                 .next()
                 .and_then(|l| l.strip_prefix(CHECKPOINT_HEADER))
-                .map(str::to_string),
-        )),
+                .map(str::to_string);
+            Ok((done, recorded_for))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((HashSet::new(), None)),
         Err(e) => Err(e).with_context(|| format!("reading checkpoint {}", path.display())),
     }
@@ -335,6 +408,9 @@ pub async fn replay(
         p.bigquery.table = table.to_string();
     }
     let p = cfg.pipelines[i].clone();
+    // The messages this pipeline received, unless --any-subscription.
+    let only: Option<Arc<str>> =
+        (!opts.any_subscription).then(|| Arc::from(p.subscription_path(&cfg.project)));
     let destination = format!("{}.{}", p.bigquery.dataset, p.bigquery.table);
     let done_before = match &opts.checkpoint {
         Some(path) => {
@@ -502,6 +578,7 @@ pub async fn replay(
     };
 
     let unreadable = Arc::new(AtomicUsize::new(0));
+    let mut other_subscription = 0u64;
     // Each read is a task of its own: it goes on while the loop below waits for the stages
     // (BigQuery slower than GCS), where a read inside this stream would not be polled, and
     // would stall until its request timed out. At most `concurrency` are read or held.
@@ -509,10 +586,10 @@ pub async fn replay(
         .map(|o| {
             let (gcs, bucket, dead_letters) =
                 (clients.gcs.clone(), bucket.clone(), opts.dead_letters);
-            let name = o.name.clone();
+            let (name, only) = (o.name.clone(), only.clone());
             // Aborted if dropped: a replay that stops early leaves no download running.
             let read = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-                read_object(&gcs, &bucket, &name, dead_letters).await
+                read_object(&gcs, &bucket, &name, dead_letters, only.as_deref()).await
             }));
             async move {
                 let r = read
@@ -528,7 +605,10 @@ pub async fn replay(
         progress.object_read(object.size);
         let name = object.name;
         let records = match r {
-            Ok(records) => records,
+            Ok(o) => {
+                other_subscription += o.other_subscription;
+                o.records
+            }
             Err(e) => {
                 progress.suspend(
                     || error!(object = %name, error = %format!("{e:#}"), "cannot read object"),
@@ -537,6 +617,8 @@ pub async fn replay(
                 continue;
             }
         };
+        // (Messages of other subscriptions are not this pipeline's to replay: an object
+        // replayed without them is still replayed whole.)
         let read = records.len();
         let selected: Vec<Record> = records
             .into_iter()
@@ -620,6 +702,8 @@ pub async fn replay(
     summary.unreadable = unreadable.load(Ordering::Relaxed);
     summary.messages = sent.load(Ordering::Relaxed);
     summary.filtered_out = filtered.load(Ordering::Relaxed);
+    summary.other_subscription = other_subscription;
+    warn_other_subscriptions(&summary, only.as_deref());
     summary.inserted = s.inserted;
     summary.dead_lettered = s.dead_lettered;
     summary.failed = failures.load(Ordering::Relaxed);
@@ -641,6 +725,8 @@ async fn dry_run(
     progress: &Progress,
 ) -> anyhow::Result<ReplaySummary> {
     let p = &cfg.pipelines[i];
+    let only_path = (!opts.any_subscription).then(|| p.subscription_path(&cfg.project));
+    let only = only_path.as_deref();
     let router = crate::routing::TypeRouter::new(
         worker::load_registry(cfg, Some(&clients.gcs)).await?,
         &p.message_type,
@@ -650,10 +736,13 @@ async fn dry_run(
     let mut scratch = Vec::new();
     for object in objects {
         let name = &object.name;
-        let read = read_object(&clients.gcs, bucket, name, opts.dead_letters).await;
+        let read = read_object(&clients.gcs, bucket, name, opts.dead_letters, only).await;
         progress.object_read(object.size);
         let records = match read {
-            Ok(r) => r,
+            Ok(o) => {
+                summary.other_subscription += o.other_subscription;
+                o.records
+            }
             Err(e) => {
                 progress.suspend(
                     || error!(object = %name, error = %format!("{e:#}"), "cannot read object"),
@@ -692,6 +781,7 @@ async fn dry_run(
         progress.show(summary.inserted, summary.dead_lettered);
     }
     progress.finish();
+    warn_other_subscriptions(&summary, only);
     summary.bytes = progress.bytes_read();
     summary.seconds = progress.started.elapsed().as_secs_f64();
     Ok(summary)
@@ -826,5 +916,26 @@ mod tests {
         let h = partition_hour("raw/s/dt=2026-11-27/hour=09/w-1-000001.parquet").unwrap();
         assert_eq!(h, parse_rfc3339_utc("2026-11-27T09:00:00Z").unwrap());
         assert_eq!(partition_hour("raw/s/other.parquet"), None);
+    }
+
+    #[test]
+    fn a_checkpoint_is_read_and_another_file_is_refused() {
+        let dir = std::env::temp_dir().join(format!("logflow-checkpoint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("checkpoint");
+        std::fs::write(
+            &path,
+            format!("{CHECKPOINT_HEADER}logs.http\ngs://b/raw/s/dt=2026-11-27/hour=09/w-1.parquet\nraw/s/dt=2026-11-27/hour=10/w-2.parquet\n"),
+        )
+        .unwrap();
+        let (done, table) = read_checkpoint(&path).unwrap();
+        assert_eq!(table.as_deref(), Some("logs.http"));
+        assert_eq!(done.len(), 2);
+        assert!(done.contains("raw/s/dt=2026-11-27/hour=10/w-2.parquet"));
+        // A config file given by mistake: refused, not appended to.
+        std::fs::write(&path, "project: p\npipelines:\n").unwrap();
+        let err = read_checkpoint(&path).unwrap_err().to_string();
+        assert!(err.contains("line 1 is not an object replayed"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

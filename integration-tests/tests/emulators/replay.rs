@@ -28,6 +28,7 @@ fn options(pipeline: &str, from: String) -> ReplayOptions {
         concurrency: 3,
         parsed: false,
         progress_bar: false,
+        any_subscription: false,
     }
 }
 
@@ -178,7 +179,7 @@ async fn dead_letters_of_an_unknown_type_land_in_bigquery_once_the_type_is_added
 
     let yaml = |dirs: &str| {
         format!(
-            "project: {}\nschemas: {{ proto_dirs: [{dirs}] }}\npipelines:\n  - name: typed\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
+            "project: {}\nschemas: {{ proto_dirs: [{dirs}] }}\npipelines:\n  - name: typed\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 7m }}\n",
             emu.project
         )
     };
@@ -282,6 +283,41 @@ async fn replay_rebuilds_a_table_from_the_archive_resumably() {
     assert_eq!(
         (dry.messages, dry.inserted, dry.dead_lettered),
         (total, valid.len() as u64, malformed),
+        "{dry:?}"
+    );
+    // Another pipeline's replay of the same objects (--from at the wrong folder) leaves them
+    // out, unless told to take them.
+    let mut other = cfg.clone();
+    other.pipelines[0].subscription = "another-subscription".into();
+    let dry = replay(
+        other.clone(),
+        clients.clone(),
+        ReplayOptions {
+            dry_run: true,
+            ..options("pay", from.clone())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (dry.messages, dry.other_subscription),
+        (0, total),
+        "{dry:?}"
+    );
+    let dry = replay(
+        other,
+        clients.clone(),
+        ReplayOptions {
+            dry_run: true,
+            any_subscription: true,
+            ..options("pay", from.clone())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (dry.messages, dry.other_subscription),
+        (total, 0),
         "{dry:?}"
     );
 
