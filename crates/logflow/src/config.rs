@@ -11,6 +11,8 @@ use logflow_gcs::archive::ArchiveFormat;
 use serde::Deserialize;
 
 const MIB: usize = 1024 * 1024;
+/// The most rows BigQuery takes in one insertAll request.
+const MAX_INSERT_ROWS: usize = 50_000;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -379,6 +381,15 @@ impl Config {
         if let Some(p) = project_env
             && !p.is_empty()
         {
+            if !cfg.project.is_empty() && cfg.project != p {
+                // Every project-relative name (subscriptions, datasets) now points elsewhere:
+                // say so, once, at start.
+                tracing::warn!(
+                    config = %cfg.project,
+                    env = %p,
+                    "LOGFLOW_PROJECT overrides the config's project"
+                );
+            }
             cfg.project = p;
         }
         cfg.validate()?;
@@ -489,6 +500,12 @@ impl Config {
             }
             nonempty("dead_letter.bucket", &p.dead_letter.bucket)?;
             p.bigquery.batch.validate(&format!("{at}.bigquery.batch"))?;
+            if p.bigquery.batch.max_items > MAX_INSERT_ROWS {
+                return Err(format!(
+                    "{at}.bigquery.batch.max_items ({}) is over {MAX_INSERT_ROWS}, the most rows BigQuery takes in one request: lower it (500, the default, is what BigQuery recommends)",
+                    p.bigquery.batch.max_items
+                ));
+            }
             p.archive.batch.validate(&format!("{at}.archive.batch"))?;
             p.dead_letter
                 .batch
@@ -542,20 +559,22 @@ impl Config {
             }
             // The longest a message can wait for its outputs: each branch batches, then writes
             // with retries; a row BigQuery rejects is then batched and written as a dead letter.
-            let r = self.retry.max_elapsed;
+            // Retries start no attempt after `max_elapsed`, but one started just before may run
+            // for `request_timeout`.
+            let r = self.retry.max_elapsed + self.request_timeout;
             let mut paths = vec![
                 (
-                    "archive.batch.max_age + retry.max_elapsed",
+                    "archive.batch.max_age + retry.max_elapsed + request_timeout",
                     p.archive.batch.max_age + r,
                 ),
                 (
-                    "bigquery.batch.max_age + dead_letter.batch.max_age + 2 × retry.max_elapsed",
+                    "bigquery.batch.max_age + dead_letter.batch.max_age + 2 × (retry.max_elapsed + request_timeout)",
                     p.bigquery.batch.max_age + r + p.dead_letter.batch.max_age + r,
                 ),
             ];
             if let Some(parsed) = &p.parsed {
                 paths.push((
-                    "parsed.batch.max_age + retry.max_elapsed",
+                    "parsed.batch.max_age + retry.max_elapsed + request_timeout",
                     parsed.batch.max_age + r,
                 ));
             }
@@ -718,10 +737,17 @@ pipelines:
                 "max_lease",
             ),
             (
-                // Long enough for the archive (60s + 2m) but not for a row that BigQuery
-                // rejects and that then waits for its dead-letter batch (1s + 2m + 10s + 2m).
-                format!("{GOOD}    flow_control: {{ max_lease: 4m }}\n"),
-                "pipelines[0].flow_control.max_lease (4m) must exceed the longest a message can wait for its writes, bigquery.batch.max_age + dead_letter.batch.max_age + 2 × retry.max_elapsed (4m 11s)",
+                // Long enough for the archive (60s + 2m + 60s) but not for a row that BigQuery
+                // rejects and that then waits for its dead-letter batch (1s + 10s + 2 × 3m).
+                format!("{GOOD}    flow_control: {{ max_lease: 5m }}\n"),
+                "pipelines[0].flow_control.max_lease (5m) must exceed the longest a message can wait for its writes, bigquery.batch.max_age + dead_letter.batch.max_age + 2 × (retry.max_elapsed + request_timeout) (6m 11s)",
+            ),
+            (
+                GOOD.replace(
+                    "table: http }",
+                    "table: http, batch: { max_items: 50001 } }",
+                ),
+                "pipelines[0].bigquery.batch.max_items (50001) is over 50000",
             ),
             (
                 GOOD.replace("project: p", "project: p\nrequest_timeout: 20m"),

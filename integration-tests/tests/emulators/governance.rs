@@ -80,7 +80,7 @@ async fn personal_data_never_reaches_bigquery_or_parquet_in_clear() {
     let expected: BTreeMap<String, (String, String)> = ids.into_iter().zip(sent).collect();
 
     let yaml = format!(
-        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: signup\n    subscription: {subscription}\n    message_type: acme.signup.v1.SignupEvent\n    bigquery: {{ dataset: {dataset}, table: signups, batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    parsed: {{ bucket: {parsed}, prefix: parsed, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
+        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: signup\n    subscription: {subscription}\n    message_type: acme.signup.v1.SignupEvent\n    bigquery: {{ dataset: {dataset}, table: signups, batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    parsed: {{ bucket: {parsed}, prefix: parsed, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 7m }}\n",
         emu.project,
         dir.display()
     );
@@ -249,7 +249,7 @@ async fn schemas_reload_without_a_restart_and_refuse_incompatible_versions() {
 
     let (_, subscription, topic_path) = emu.fresh_topic("reload").await.unwrap();
     let yaml = format!(
-        "project: {}\nschemas: {{ proto_dirs: [\"{}\"], reload_interval: 1s }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: events\n    subscription: {subscription}\n    message_type: reload.v1.Event\n    bigquery: {{ dataset: {dataset}, table: events, batch: {{ max_items: 50, max_bytes: 2000000, max_age: 200ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
+        "project: {}\nschemas: {{ proto_dirs: [\"{}\"], reload_interval: 1s }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: events\n    subscription: {subscription}\n    message_type: reload.v1.Event\n    bigquery: {{ dataset: {dataset}, table: events, batch: {{ max_items: 50, max_bytes: 2000000, max_age: 200ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 7m }}\n",
         emu.project,
         dir.display()
     );

@@ -194,7 +194,7 @@ async fn ten_thousand_malformed_payloads_are_dead_lettered_by_class() {
     }
 
     let yaml = format!(
-        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: hostile\n    subscription: {subscription}\n    message_type: {HTTP}\n    type_attribute: logflow-type\n    streams: 4\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 500, max_bytes: 5000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 1000, max_bytes: 16000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 1000, max_bytes: 16000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 3000, max_outstanding_bytes: 48000000, lease_extension: 10s, max_lease: 5m }}\n",
+        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\nadmin_listen: 127.0.0.1:0\npipelines:\n  - name: hostile\n    subscription: {subscription}\n    message_type: {HTTP}\n    type_attribute: logflow-type\n    streams: 4\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 500, max_bytes: 5000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 1000, max_bytes: 16000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 1000, max_bytes: 16000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 3000, max_outstanding_bytes: 48000000, lease_extension: 10s, max_lease: 7m }}\n",
         emu.project,
         schemas_dir().display()
     );

@@ -639,7 +639,7 @@ async fn messages_name_their_type_and_get_a_table_each() {
     }
     let ids = publish_items(&emu, &topic_path, items).await;
     let yaml = format!(
-        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\npipelines:\n  - name: mixed\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
+        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\npipelines:\n  - name: mixed\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 100, max_bytes: 2000000, max_age: 500ms }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 100, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 7m }}\n",
         emu.project,
         schemas_dir().display()
     );
@@ -736,7 +736,7 @@ async fn rows_of_interleaved_types_are_gathered_into_full_requests_per_table() {
     }
     let ids = publish_items(&emu, &topic_path, items).await;
     let yaml = format!(
-        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\npipelines:\n  - name: gather\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 50, max_bytes: 5000000, max_age: 20s }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 300, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 5m }}\n",
+        "project: {}\nschemas: {{ proto_dirs: [\"{}\"] }}\npipelines:\n  - name: gather\n    subscription: {subscription}\n    message_type: acme.http.v1.HttpAccessLog\n    type_attribute: logflow-type\n    bigquery: {{ dataset: {dataset}, table: \"logs_{{type}}\", batch: {{ max_items: 50, max_bytes: 5000000, max_age: 20s }} }}\n    archive: {{ bucket: {raw}, batch: {{ max_items: 300, max_bytes: 4000000, max_age: 1s }} }}\n    dead_letter: {{ bucket: {dlq}, prefix: dlq, batch: {{ max_items: 100, max_bytes: 1000000, max_age: 1s }} }}\n    flow_control: {{ max_outstanding_messages: 1000, max_outstanding_bytes: 16000000, lease_extension: 10s, max_lease: 7m }}\n",
         emu.project,
         schemas_dir().display()
     );
