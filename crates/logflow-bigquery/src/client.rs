@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gcp_bigquery_client::error::BQError;
+use gcp_bigquery_client::model::get_query_results_parameters::GetQueryResultsParameters;
 use gcp_bigquery_client::model::query_request::QueryRequest;
 use gcp_bigquery_client::model::table::Table;
 use logflow_core::json::push_str;
@@ -604,12 +605,12 @@ impl BigQuery {
         Err(http_error(op, target, status, &body))
     }
 
-    /// Runs a standard-SQL query and returns its rows as cell values; transient failures are
-    /// retried.
+    /// Runs a standard-SQL query and returns all its rows as cell values, waiting for the
+    /// job to complete and reading every page; transient failures are retried.
     pub async fn query(&self, sql: &str) -> Result<Vec<Vec<Option<serde_json::Value>>>, BqError> {
-        // A read: retrying a transient failure (a pooled connection the server was closing,
+        // Reads: retrying a transient failure (a pooled connection the server was closing,
         // say) cannot change anything.
-        let resp = self
+        let first = self
             .options
             .retry
             .run(
@@ -623,9 +624,56 @@ impl BigQuery {
                 |e, n| warn!(attempt = n, error = %e, "bigquery query failed, retrying"),
             )
             .await?;
-        Ok(resp
-            .rows
-            .unwrap_or_default()
+        let mut rows = first.rows.unwrap_or_default();
+        // A job still running after the request's wait answers without rows; a large result
+        // comes in pages.
+        let mut complete = first.job_complete.unwrap_or(true);
+        let mut page_token = first.page_token;
+        let job = first.job_reference.unwrap_or_default();
+        let deadline = std::time::Instant::now() + QUERY_DEADLINE;
+        while !complete || page_token.is_some() {
+            let Some(job_id) = job.job_id.as_deref() else {
+                return Err(BqError::Protocol {
+                    op: "jobs.query",
+                    target: sql.to_string(),
+                    message: "an incomplete or paged result without a job id".into(),
+                });
+            };
+            if std::time::Instant::now() > deadline {
+                return Err(BqError::Transport {
+                    op: "jobs.getQueryResults",
+                    target: sql.to_string(),
+                    message: format!("no result within {QUERY_DEADLINE:?}"),
+                });
+            }
+            let params = GetQueryResultsParameters {
+                page_token: page_token.clone(),
+                location: job.location.clone(),
+                timeout_ms: Some(10_000),
+                ..Default::default()
+            };
+            let r = self
+                .options
+                .retry
+                .run(
+                    || async {
+                        self.admin
+                            .job()
+                            .get_query_results(&self.options.project, job_id, params.clone())
+                            .await
+                            .map_err(|e| admin_error("jobs.getQueryResults", sql, e))
+                    },
+                    |e, n| warn!(attempt = n, error = %e, "bigquery query results failed, retrying"),
+                )
+                .await?;
+            if r.job_complete == Some(false) {
+                continue;
+            }
+            complete = true;
+            rows.extend(r.rows.unwrap_or_default());
+            page_token = r.page_token;
+        }
+        Ok(rows
             .into_iter()
             .map(|r| {
                 r.columns
@@ -642,6 +690,9 @@ impl BigQuery {
         &self.admin
     }
 }
+
+/// How long [`BigQuery::query`] waits for a job's result.
+const QUERY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Builds an insertAll body from `rows[start..]` (`(insertId, row JSON)`), as many rows as
 /// fit in `max_bytes` (at least one). Returns the end index and the body. Public for the

@@ -289,3 +289,51 @@ async fn rows_failed_by_the_service_are_resent_not_rejected() {
         (vec!["id-0".into(), "id-1".into()], vec!["id-1".into()])
     );
 }
+
+#[tokio::test]
+async fn a_query_waits_for_its_job_and_reads_every_page() {
+    const JOB: &str = r#""jobReference":{"projectId":"p","jobId":"j1","location":"EU"}"#;
+    let running = format!(r#"{{"jobComplete":false,{JOB}}}"#);
+    let page1 = format!(
+        r#"{{"jobComplete":true,{JOB},"totalRows":"2","rows":[{{"f":[{{"v":"a"}}]}}],"pageToken":"t2"}}"#
+    );
+    let page2 =
+        format!(r#"{{"jobComplete":true,{JOB},"totalRows":"2","rows":[{{"f":[{{"v":"b"}}]}}]}}"#);
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let (ep, requests) = fake(vec![
+        // The query outlives the request's wait: no rows yet.
+        Some((200, leak(running.clone()))),
+        // A dropped connection on the way: retried.
+        None,
+        Some((200, leak(running))),
+        Some((200, leak(page1))),
+        Some((200, leak(page2))),
+    ])
+    .await;
+    let rows = client(ep, 5)
+        .await
+        .query("SELECT x FROM d.t")
+        .await
+        .unwrap();
+    let cells: Vec<_> = rows.iter().map(|r| r[0].clone()).collect();
+    assert_eq!(cells, vec![Some("a".into()), Some("b".into())]);
+    let heads: Vec<String> = requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(h, _)| h.clone())
+        .collect();
+    assert_eq!(heads.len(), 5, "{heads:?}");
+    assert!(
+        heads[0].starts_with("POST /bigquery/v2/projects/p/queries "),
+        "{heads:?}"
+    );
+    for h in &heads[1..] {
+        assert!(
+            h.starts_with("GET /bigquery/v2/projects/p/queries/j1?"),
+            "{h}"
+        );
+        assert!(h.contains("location=EU"), "{h}");
+    }
+    assert!(heads[4].contains("pageToken=t2"), "{}", heads[4]);
+}
