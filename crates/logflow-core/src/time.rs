@@ -144,10 +144,17 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
         std::str::from_utf8(part).ok()?.parse().ok()
     };
     let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = match mo {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
     if b.get(4) != Some(&b'-')
         || b.get(7) != Some(&b'-')
         || !(1..=12).contains(&mo)
-        || !(1..=31).contains(&d)
+        || !(1..=month_days).contains(&d)
     {
         return None;
     }
@@ -275,9 +282,18 @@ mod tests {
             "2026/11/27",
             "2026-11-27T9:00:00Z",
             "2026-11-27T09:00:00.Z",
+            // Days a month does not have.
+            "2026-02-29",
+            "2026-02-31",
+            "2026-04-31",
         ] {
             assert_eq!(parse_rfc3339_utc(bad), None, "{bad}");
         }
+        // A leap day: the day after February 28th.
+        assert_eq!(
+            parse_rfc3339_utc("2028-02-29").map(|t| t - parse_rfc3339_utc("2028-02-28").unwrap()),
+            Some(86_400_000_000)
+        );
     }
 
     #[test]
