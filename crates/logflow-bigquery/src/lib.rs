@@ -1,8 +1,9 @@
-//! BigQuery streaming-insert sink.
+//! BigQuery sink: streaming inserts (insertAll) or the Storage Write API's `_default` stream.
 //!
 //! Guarantees:
-//! - every row is sent with `insertId` = its Pub/Sub message id, so a redelivered or replayed
-//!   message is deduplicated by BigQuery (within its best-effort dedup window, about a minute);
+//! - every insertAll row is sent with `insertId` = its Pub/Sub message id, so a redelivered or
+//!   replayed message is deduplicated by BigQuery (within its best-effort dedup window, about a
+//!   minute); Storage Write API rows carry no such id;
 //! - insertAll bodies are built from the rows' pre-serialised JSON bytes (no per-row
 //!   `serde_json::Value`), and split to stay under BigQuery's request limits;
 //! - [`InsertOutcome`] tells, per row, whether BigQuery accepted it or rejected it as invalid

@@ -1,5 +1,5 @@
-//! GCS outputs of logflow: the raw archive (Parquet), the dead-letter path (JSON Lines), and
-//! the object client they share.
+//! GCS outputs of logflow: the raw archive (Parquet, or `ndjson.zst`), the dead-letter path
+//! (JSON Lines), the parsed records (Parquet), and the object client they share.
 //!
 //! Guarantees:
 //! - every object is written whole in one request with `ifGenerationMatch=0`: an object is never

@@ -8,8 +8,8 @@
 //!   client only forwards flow-control limits to the server and emulators ignore them;
 //! - leases of held messages are extended by the client until they are acked or nacked, up to
 //!   `max_lease`;
-//! - a stream that fails is re-opened with jittered backoff; only a missing subscription or a
-//!   permission error stops the source.
+//! - a stream that fails is re-opened with jittered backoff; only a missing subscription, a
+//!   permission or authentication error, or the pipeline's stages gone stop the source.
 #![warn(missing_docs)]
 
 mod source;

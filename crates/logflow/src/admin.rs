@@ -1,6 +1,7 @@
 //! The worker's admin endpoint: `/healthz` (liveness: every pipeline makes progress),
-//! `/readyz` (readiness: false from the first shutdown signal on) and `/metrics` (Prometheus
-//! text format, per pipeline).
+//! `/readyz` (readiness: false from the first shutdown signal on, after 3 StreamingPull
+//! failures in a row, and while a sink's batches fail after their retries) and `/metrics`
+//! (Prometheus text format, per pipeline).
 //!
 //! A deliberately small HTTP/1.1 responder: probes and scrapers send one GET per connection.
 

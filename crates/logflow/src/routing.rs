@@ -9,7 +9,9 @@
 //!
 //! `{type}` becomes the type's short name in snake case (`HttpAccessLog` → `http_access_log`).
 //! A type that is not in the registry, or that cannot map to BigQuery, is a data error: the
-//! message is dead-lettered (`unknown_message_type`), never dropped.
+//! message is dead-lettered (`unknown_message_type`), never dropped; so are a type whose table
+//! name would coincide with another type's (`table_conflict`) and a message Pub/Sub marks as
+//! JSON-encoded (`unsupported_encoding`: only binary protobuf is decoded).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};

@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! source ─┬─> archive ──────────────────────────────> (ack part 1)
-//!         └─> decode ─┬─> insert (BigQuery) ─┬──────> (ack part 2)
-//!                     │                      └─ invalid rows ─┐
-//!                     └─ undecodable ──────────> dead letter ─┴> (ack part 2)
+//!         ├─> decode ─┬─> insert (BigQuery) ─┬──────> (ack part 2)
+//!         │           │                      └─ invalid rows ─┐
+//!         │           └─ undecodable ──────────> dead letter ─┴> (ack part 2)
+//!         └─> parsed Parquet (when `parsed:` is set) ─────────> (ack part 3)
 //! ```
 //!
 //! Each stage completes an envelope's ack part only once its output is durable; on failure it
