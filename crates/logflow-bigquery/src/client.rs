@@ -605,24 +605,35 @@ impl BigQuery {
         Err(http_error(op, target, status, &body))
     }
 
+    /// One read-only admin call, `op` on `target`: retrying a transient failure (a pooled
+    /// connection the server was closing, say) cannot change anything.
+    async fn read<T, Fut>(
+        &self,
+        op: &'static str,
+        target: &str,
+        call: impl Fn() -> Fut,
+    ) -> Result<T, BqError>
+    where
+        Fut: std::future::Future<Output = Result<T, BQError>>,
+    {
+        self.options
+            .retry
+            .run(
+                || async { call().await.map_err(|e| admin_error(op, target, e)) },
+                |e, n| warn!(attempt = n, error = %e, "bigquery {op} failed, retrying"),
+            )
+            .await
+    }
+
     /// Runs a standard-SQL query and returns all its rows as cell values, waiting for the
     /// job to complete and reading every page; transient failures are retried.
     pub async fn query(&self, sql: &str) -> Result<Vec<Vec<Option<serde_json::Value>>>, BqError> {
-        // Reads: retrying a transient failure (a pooled connection the server was closing,
-        // say) cannot change anything.
         let first = self
-            .options
-            .retry
-            .run(
-                || async {
-                    self.admin
-                        .job()
-                        .query(&self.options.project, QueryRequest::new(sql))
-                        .await
-                        .map_err(|e| admin_error("jobs.query", sql, e))
-                },
-                |e, n| warn!(attempt = n, error = %e, "bigquery query failed, retrying"),
-            )
+            .read("jobs.query", sql, || {
+                self.admin
+                    .job()
+                    .query(&self.options.project, QueryRequest::new(sql))
+            })
             .await?;
         let mut rows = first.rows.unwrap_or_default();
         // A job still running after the request's wait answers without rows; a large result
@@ -653,18 +664,13 @@ impl BigQuery {
                 ..Default::default()
             };
             let r = self
-                .options
-                .retry
-                .run(
-                    || async {
-                        self.admin
-                            .job()
-                            .get_query_results(&self.options.project, job_id, params.clone())
-                            .await
-                            .map_err(|e| admin_error("jobs.getQueryResults", sql, e))
-                    },
-                    |e, n| warn!(attempt = n, error = %e, "bigquery query results failed, retrying"),
-                )
+                .read("jobs.getQueryResults", sql, || {
+                    self.admin.job().get_query_results(
+                        &self.options.project,
+                        job_id,
+                        params.clone(),
+                    )
+                })
                 .await?;
             if r.job_complete == Some(false) {
                 continue;
