@@ -311,13 +311,18 @@ impl BigQuery {
         );
         let target = format!("{dataset}.{table}");
         let mut outcome = InsertOutcome::default();
+        // One retry budget for the whole call: its requests (a batch split by size, rows sent
+        // again) share it, so that a batch is given up within the bound `max_lease` assumes.
+        let deadline = self.options.retry.deadline();
         let mut start = 0;
         while start < rows.len() {
             let (end, body) = build_body(rows, start, self.options.max_request_bytes);
             let mut pending: Vec<usize> = (start..end).collect();
             let mut body = body;
             for resend in 0..=MAX_STOPPED_RESENDS {
-                let errors = self.send_insert(&url, &target, body, stats).await?;
+                let errors = self
+                    .send_insert(&url, &target, body, deadline, stats)
+                    .await?;
                 let mut stopped = Vec::new();
                 for e in errors {
                     let Some(&row) = pending.get(e.index) else {
@@ -373,12 +378,14 @@ impl BigQuery {
         url: &str,
         target: &str,
         body: Vec<u8>,
+        deadline: Option<tokio::time::Instant>,
         stats: &Stats,
     ) -> Result<Vec<InsertErrors>, BqError> {
         let body = bytes::Bytes::from(body);
         self.options
             .retry
-            .run(
+            .run_until(
+                deadline,
                 || {
                     let body = body.clone();
                     async move {

@@ -695,9 +695,12 @@ pub(crate) async fn append_all(
 ) -> Result<Vec<(usize, String)>, BqError> {
     let mut pending: Vec<usize> = (0..rows.len()).collect();
     let mut rejected = Vec::new();
+    // One retry budget for the call and its resends.
+    let deadline = retry.deadline();
     for resend in 0..=MAX_RESENDS {
         let results = retry
-            .run(
+            .run_until(
+                deadline,
                 || async {
                     let token = tokens.token().await.map_err(BqError::Auth)?;
                     client.append(stream_table, schema, rows, &pending, token).await

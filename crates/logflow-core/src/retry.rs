@@ -59,8 +59,27 @@ impl RetryPolicy {
 
     /// Runs `op` until it succeeds, fails with a non-transient error, or the bounds are reached.
     /// `on_retry` is told of each transient failure that will be retried.
-    pub async fn run<T, E, F, Fut>(
+    pub async fn run<T, E, F, Fut>(&self, op: F, on_retry: impl FnMut(&E, u32)) -> Result<T, E>
+    where
+        E: Classify,
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.run_until(self.deadline(), op, on_retry).await
+    }
+
+    /// When a budget of `max_elapsed` that starts now ends (`None`: never).
+    pub fn deadline(&self) -> Option<Instant> {
+        Instant::now().checked_add(self.max_elapsed)
+    }
+
+    /// [`RetryPolicy::run`] with the elapsed-time budget ending at `deadline` (from
+    /// [`RetryPolicy::deadline`]), so that several calls can share one budget: the requests of
+    /// one batch, say, which must not each start a budget of their own. No attempt starts after
+    /// the deadline but the first.
+    pub async fn run_until<T, E, F, Fut>(
         &self,
+        deadline: Option<Instant>,
         mut op: F,
         mut on_retry: impl FnMut(&E, u32),
     ) -> Result<T, E>
@@ -69,22 +88,21 @@ impl RetryPolicy {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let start = Instant::now();
         let mut attempt = 1;
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
                 Err(e) => {
+                    let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                     let retry = e.class() == ErrorClass::Transient
                         && attempt < self.max_attempts
-                        && start.elapsed() < self.max_elapsed;
+                        && remaining.is_none_or(|r| !r.is_zero());
                     if !retry {
                         return Err(e);
                     }
                     on_retry(&e, attempt);
                     let jittered = self.jittered_backoff(attempt);
-                    let remaining = self.max_elapsed.saturating_sub(start.elapsed());
-                    tokio::time::sleep(jittered.min(remaining)).await;
+                    tokio::time::sleep(remaining.map_or(jittered, |r| jittered.min(r))).await;
                     attempt += 1;
                 }
             }
@@ -174,6 +192,42 @@ mod tests {
         // Retried until the budget was spent (backoffs of at most 1 s), and not past it: the
         // last backoff is cut to what remains.
         assert!(calls.get() > 2, "{} calls", calls.get());
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(5) && elapsed < Duration::from_millis(5_100),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_sharing_a_deadline_share_one_budget() {
+        let p = RetryPolicy {
+            max_attempts: 1000,
+            max_elapsed: Duration::from_secs(5),
+            ..policy()
+        };
+        let start = Instant::now();
+        let deadline = p.deadline();
+        // The first call spends 4 s of the budget on an attempt that then succeeds...
+        p.run_until(
+            deadline,
+            || async {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                Ok::<_, E>(())
+            },
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        // ...so the second one retries for the 1 s left, not for 5 s of its own.
+        let r: Result<(), E> = p
+            .run_until(
+                deadline,
+                || async { Err(E(ErrorClass::Transient)) },
+                |_, _| {},
+            )
+            .await;
+        assert!(r.is_err());
         let elapsed = start.elapsed();
         assert!(
             elapsed >= Duration::from_secs(5) && elapsed < Duration::from_millis(5_100),
