@@ -159,6 +159,17 @@ impl Emulators {
         .map(|_| ())
     }
 
+    /// Deletes an empty bucket.
+    pub async fn delete_bucket(&self, name: &str) -> anyhow::Result<()> {
+        let url = format!(
+            "{}/storage/v1/b/{name}",
+            self.endpoints.storage.as_deref().unwrap_or_default()
+        );
+        self.call(self.http.delete(url), "delete bucket")
+            .await
+            .map(|_| ())
+    }
+
     /// Creates a dataset.
     pub async fn dataset(&self, name: &str) -> anyhow::Result<()> {
         let url = format!(

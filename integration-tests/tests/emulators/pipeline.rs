@@ -414,6 +414,37 @@ async fn rejected_rows_are_dead_lettered(write_api: &str) {
     assert_nothing_left(&emu, &subscription, stopped).await;
 }
 
+/// A permanent error in one pipeline mid-run (its dead-letter bucket deleted): the worker
+/// stops its other pipelines too and ends with that error, instead of running on with a dead
+/// pipeline while it answers its probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_in_one_pipeline_stops_the_worker() {
+    let emu = Emulators::from_env();
+    let (raw, dlq, dataset) = destinations(&emu).await;
+    let doomed = unique("dlq");
+    emu.bucket(&doomed).await.unwrap();
+    let ty = "acme.auth.v1.AuthEvent";
+    let a = published_stream(&emu, "doomed", "auth", ty, 300, 71).await;
+    let b = published_stream(&emu, "healthy", "login", ty, 300, 72).await;
+    // Pipeline `auth` writes its first dead letters after 20 s: the bucket is gone by then.
+    let yaml_a = config_yaml(&emu.project, &raw, &doomed, &dataset, &[&a]).replace(
+        "prefix: dlq, batch: { max_items: 100, max_bytes: 1000000, max_age: 1s }",
+        "prefix: dlq, batch: { max_items: 100, max_bytes: 1000000, max_age: 20s }",
+    );
+    assert!(yaml_a.contains("max_age: 20s"));
+    let yaml_b = config_yaml(&emu.project, &raw, &dlq, &dataset, &[&b]);
+    let yaml = format!("{yaml_a}{}", yaml_b.split_once("pipelines:\n").unwrap().1);
+    let (_, _shutdown, running) = start_worker(&yaml, &emu.endpoints).await;
+    assert_eq!(running.stats.len(), 2);
+    emu.delete_bucket(&doomed).await.unwrap();
+    let stopped = tokio::time::timeout(PROCESS_TIMEOUT, running.done)
+        .await
+        .expect("the worker stopped by itself")
+        .unwrap();
+    let e = format!("{:#}", stopped.unwrap_err());
+    assert!(e.contains(&doomed), "{e}");
+}
+
 /// One AppendRows request with good and bad rows: BigQuery appends none of it and names the
 /// bad rows; the worker dead-letters those and sends the good ones again. The table's
 /// `remote_ip` is a TIMESTAMP, so rows whose `remote_ip` holds a timestamp fit and the others
