@@ -170,13 +170,27 @@ mod tests {
         assert_eq!(calls.get(), 4);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn stops_at_max_elapsed() {
-        let p = RetryPolicy {
+    /// A budget of 5 s that attempts never exhaust first.
+    fn five_seconds() -> RetryPolicy {
+        RetryPolicy {
             max_attempts: 1000,
             max_elapsed: Duration::from_secs(5),
             ..policy()
-        };
+        }
+    }
+
+    /// The 5 s were spent, and not overrun: the last backoff is cut to what remains.
+    fn spent_five_seconds(start: Instant) {
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(5) && elapsed < Duration::from_millis(5_100),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stops_at_max_elapsed() {
+        let p = five_seconds();
         let start = Instant::now();
         let calls = Cell::new(0);
         let r: Result<(), E> = p
@@ -192,20 +206,12 @@ mod tests {
         // Retried until the budget was spent (backoffs of at most 1 s), and not past it: the
         // last backoff is cut to what remains.
         assert!(calls.get() > 2, "{} calls", calls.get());
-        let elapsed = start.elapsed();
-        assert!(
-            elapsed >= Duration::from_secs(5) && elapsed < Duration::from_millis(5_100),
-            "{elapsed:?}"
-        );
+        spent_five_seconds(start);
     }
 
     #[tokio::test(start_paused = true)]
     async fn calls_sharing_a_deadline_share_one_budget() {
-        let p = RetryPolicy {
-            max_attempts: 1000,
-            max_elapsed: Duration::from_secs(5),
-            ..policy()
-        };
+        let p = five_seconds();
         let start = Instant::now();
         let deadline = p.deadline();
         // The first call spends 4 s of the budget on an attempt that then succeeds...
@@ -228,11 +234,7 @@ mod tests {
             )
             .await;
         assert!(r.is_err());
-        let elapsed = start.elapsed();
-        assert!(
-            elapsed >= Duration::from_secs(5) && elapsed < Duration::from_millis(5_100),
-            "{elapsed:?}"
-        );
+        spent_five_seconds(start);
     }
 
     #[tokio::test(start_paused = true)]
